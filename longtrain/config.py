@@ -1,0 +1,555 @@
+"""Recipes: typed dataclasses, one per YAML section, loaded with `a.b=c` overrides and checked before anything runs.
+
+A recipe maps 1:1 onto these classes (torchtitan `config/job_config.py`): every YAML key is a field, an unknown
+key is an error that suggests the closest valid one, and each class checks its own values in `__post_init__`.
+Precedence: command line `section.key=value` > YAML > the defaults below. Stages inherit the top-level `data`,
+`train`, `memory` and `eval` sections and override them key by key (deep merge).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longtrain.model.args import MODEL_FLAVORS, ModelArgs
+
+
+class FieldError(ValueError):
+    """A bad value found inside a section's `__post_init__`; the loader adds the file and the key path."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(f"{key}={value!r}: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+class RecipeError(ValueError):
+    """A recipe problem, reported as one paragraph: file, key path, value, what is allowed."""
+
+
+def _choice(key: str, value: Any, valid: tuple) -> None:
+    # String options: listed once here so every message names all valid options.
+    if value not in valid:
+        raise FieldError(key, value, f"valid values are {', '.join(map(repr, valid))}")
+
+
+def _positive(key: str, value: int | float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise FieldError(key, value, "must be " + (">= 0" if allow_zero else "> 0"))
+
+
+@dataclass
+class LoraConfig:
+    """LongLoRA-style low-rank adapters (Chen et al. 2023, arXiv:2309.12307): embeddings and norms stay trainable."""
+
+    rank: int = 16
+    alpha: float = 32.0  # the adapter output is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down
+    train_embed_norm: bool = True  # LongLoRA: without trainable embeddings and norms long-context LoRA lags full FT
+
+    def __post_init__(self):
+        _positive("rank", self.rank)
+        for t in self.targets:
+            _choice("targets", t, ("q", "k", "v", "o", "gate", "up", "down"))
+
+
+@dataclass
+class ModelConfig:
+    """Either `path` (a Hugging Face directory, via longtrain.load_hf) or `flavor` (longtrain.model.args.MODEL_FLAVORS)."""
+
+    path: str | None = None  # Hugging Face directory: config.json + safetensors (+ tokenizer)
+    flavor: str | None = None  # a MODEL_FLAVORS name, randomly initialised
+    overrides: dict = field(default_factory=dict)  # ModelArgs fields changed on the flavor, e.g. {n_layers: 4}
+    tokenizer: str | None = None  # "builtin" (the bundled demo tokenizer) or a directory; default: `path`
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
+    attention: str = "auto"  # auto | fa4 | flash_attn | cudnn | flash | flex | reference
+    init_seed: int = 0  # seed of the random init of a flavor
+    lora: LoraConfig | None = None
+
+    def __post_init__(self):
+        if (self.path is None) == (self.flavor is None):
+            raise FieldError("path", self.path, "set exactly one of model.path (a Hugging Face directory) "
+                             f"and model.flavor (one of {', '.join(MODEL_FLAVORS)}); got flavor={self.flavor!r}")
+        if self.flavor is not None and self.flavor not in MODEL_FLAVORS:
+            raise FieldError("flavor", self.flavor, f"valid flavors are {', '.join(MODEL_FLAVORS)}"
+                             + _suggest(self.flavor, list(MODEL_FLAVORS)))
+        valid_args = [f.name for f in dataclasses.fields(ModelArgs)]
+        for k in self.overrides:
+            if k not in valid_args:
+                raise FieldError(f"overrides.{k}", self.overrides[k],
+                                 f"not a ModelArgs field{_suggest(k, valid_args)}; valid: {', '.join(valid_args)}")
+        if self.path is not None and self.overrides:
+            raise FieldError("overrides", self.overrides, "model.overrides applies to a flavor only, not to model.path")
+        if self.tokenizer is None:
+            self.tokenizer = "builtin" if self.flavor is not None else self.path
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _choice("attention", self.attention, ("auto", "fa4", "flash_attn", "cudnn", "flash", "flex", "reference"))
+
+    def model_args(self) -> ModelArgs:
+        """The ModelArgs of a flavor (with overrides), or those in the HF directory's config.json."""
+        if self.flavor is not None:
+            return dataclasses.replace(copy.deepcopy(MODEL_FLAVORS[self.flavor]), **self.overrides)
+        cfg = json.loads((Path(self.path) / "config.json").read_text())
+        return ModelArgs(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_heads=cfg["num_attention_heads"],
+                         n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                         n_layers=cfg["num_hidden_layers"])
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mixture; fields map onto longtrain.data.SourceSpec (see trainer/data.py)."""
+
+    path: str  # a file (jsonl, parquet, txt), a saved `datasets` dir, or "synthetic:<task>" (e.g. synthetic:passkey)
+    text_field: str = "text"
+    weight: float = 1.0  # sampling weight in the mixture (normalised over sources)
+    min_tokens: int | None = None  # drop documents shorter than this
+    max_tokens: int | None = None  # drop documents longer than this
+    options: dict = field(default_factory=dict)  # task options of synthetic sources, passed through
+
+    def __post_init__(self):
+        _positive("weight", self.weight)
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    packing: str = "continuous"  # continuous | reset | anchor (positions across documents; see data/)
+    on_bad_record: str = "error"  # error | skip (skipped records are counted in the logs)
+    seed: int = 1234
+
+    def __post_init__(self):
+        _choice("packing", self.packing, ("continuous", "reset", "anchor"))
+        _choice("on_bad_record", self.on_bad_record, ("error", "skip"))
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "fsdp2"  # fsdp2 | deepspeed (ddp-like all-reduce when nothing is sharded)
+    zero_stage: int = 3  # deepspeed only
+    dp_shard: int = -1  # -1: whatever the world size leaves
+    dp_replicate: int = 1
+    cp: int = 1  # context-parallel degree
+    cp_mode: str = "allgather"  # ring | allgather | ulysses | hybrid
+    ulysses: int = 1  # hybrid only: the Ulysses degree inside each ring group
+
+    def __post_init__(self):
+        _choice("backend", self.backend, ("fsdp2", "deepspeed"))
+        _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid"))
+        _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _positive("cp", self.cp)
+        _positive("ulysses", self.ulysses)
+        _positive("dp_replicate", self.dp_replicate)
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise FieldError("dp_shard", self.dp_shard, "must be -1 (the rest of the world size) or >= 1")
+        if self.cp_mode == "hybrid" and self.cp % self.ulysses:
+            raise FieldError("ulysses", self.ulysses, f"hybrid cp needs cp ({self.cp}) divisible by ulysses")
+        if self.cp_mode != "hybrid" and self.ulysses != 1:
+            raise FieldError("ulysses", self.ulysses, "only cp_mode: hybrid uses ulysses; leave it at 1")
+
+
+@dataclass
+class ChunkwiseConfig:
+    chunk: int = 4096  # tokens per chunk
+    mode: str = "exact"  # exact | sparse
+    keep: int = 8  # sparse only: chunks of K/V kept
+
+    def __post_init__(self):
+        _positive("chunk", self.chunk)
+        _choice("mode", self.mode, ("exact", "sparse"))
+
+
+@dataclass
+class MemoryConfig:
+    activation_checkpoint: str = "none"  # none | selective | full
+    offload_activations: bool = False
+    tiled_mlp: bool | str = "auto"  # auto | true | false
+    chunkwise: ChunkwiseConfig | None = None
+
+    def __post_init__(self):
+        _choice("activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
+        if isinstance(self.tiled_mlp, str):
+            _choice("tiled_mlp", self.tiled_mlp, ("auto",))
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self):
+        _choice("name", self.name, ("adamw",))
+        _positive("lr", self.lr)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise FieldError("betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0  # linear warmup from 0, counted from the start of each stage
+    decay: str = "cosine"  # cosine | linear | constant, from lr down to lr * min_lr_ratio at the stage's end
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        _positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _choice("decay", self.decay, ("cosine", "linear", "constant"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise FieldError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_tokens: int = 0  # tokens per optimizer step over all ranks; 0: one micro-batch per dp rank
+    micro_batch: int = 1  # sequences per forward pass per rank
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    max_bad_steps: int = 5  # NaN/inf steps skipped before the run stops
+    resume: str = "auto"  # auto | never | a checkpoint directory
+    seed: int = 0  # python / numpy / torch RNG seed (offset by rank)
+    stop_after_steps: int | None = None  # end this run after this many global steps (checkpointed), e.g. a time slot
+    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: the loss of these global steps becomes NaN
+
+    def __post_init__(self):
+        _positive("global_batch_tokens", self.global_batch_tokens, allow_zero=True)
+        _positive("micro_batch", self.micro_batch)
+        _positive("grad_clip", self.grad_clip, allow_zero=True)
+        _positive("max_bad_steps", self.max_bad_steps, allow_zero=True)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end of the run (and on SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    debug_pause_s: float = 0.0  # test hook: sleep after writing the files, before marking the checkpoint complete
+
+    def __post_init__(self):
+        _positive("every_steps", self.every_steps, allow_zero=True)
+        _positive("keep_last", self.keep_last)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "longtrain"
+    mode: str = "online"  # online | offline | disabled
+    entity: str | None = None
+
+    def __post_init__(self):
+        _choice("mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    progress_bar: bool = True
+    plot: bool = True  # loss.png at the end of the run
+    wandb: WandbConfig | None = None
+
+    def __post_init__(self):
+        _positive("every_steps", self.every_steps)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after each stage (longtrain.eval); `longtrain eval` takes the same block."""
+
+    lengths: list[int] = field(default_factory=list)  # context lengths in tokens
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])  # perplexity | passkey | needle
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 20  # examples per (length, depth) cell
+    untrained_next_rope: bool = True  # also score each stage's end with the next stage's rope, before training it
+
+    def __post_init__(self):
+        for t in self.tasks:
+            _choice("tasks", t, ("perplexity", "passkey", "needle"))
+        for d in self.depths:
+            if not 0.0 <= d <= 1.0:
+                raise FieldError("depths", d, "depths are fractions in [0, 1]")
+        _positive("samples", self.samples)
+
+
+def _check_rope(rope: dict) -> None:
+    from longtrain.model import rope as rope_mod
+
+    validate = getattr(rope_mod, "validate_rope", None)
+    if validate is None:  # TODO(rope helper): validate_rope lands in model/rope.py; until then the type only
+        _choice("rope.rope_type", rope.get("rope_type"), ("default", "linear", "dynamic", "yarn", "llama3", "longrope"))
+        return
+    try:
+        validate(rope)
+    except ValueError as e:
+        raise FieldError("rope", rope, str(e)) from None
+
+
+@dataclass
+class StageConfig:
+    """One phase of training. `data`, `train`, `memory` and `eval` are the top-level ones with this stage's changes."""
+
+    name: str
+    seq_len: int  # tokens per sequence
+    steps: int  # optimizer steps in this stage
+    rope: dict | None = None  # HF rope_parameters block (rope_type, rope_theta, factor, ...); None: keep the model's
+    max_position_embeddings: int | None = None  # written to the exported config; None: max(current, seq_len)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig | None = None
+
+    def __post_init__(self):
+        _positive("seq_len", self.seq_len)
+        _positive("steps", self.steps)
+        if not self.data.sources:
+            raise FieldError("data.sources", [], "at least one data source is needed (top level or in the stage)")
+        if self.rope is not None:
+            _check_rope(self.rope)
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[StageConfig]
+    run_dir: str = "runs/${name}"  # ${key} is replaced by that top-level value
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig | None = None
+    source: str = "<recipe>"  # the file it came from (not a YAML key)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what `save` writes)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a stage inherits and may override
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, path: str, file: str) -> Any:
+    """Turn YAML data into `tp` (a dataclass, list[...], X | None, scalar), checking types and keys."""
+    def fail(allowed: str) -> RecipeError:
+        return RecipeError(f"{file}: `{path}` = {value!r} is invalid: {allowed}.")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for a in options:  # the first type that accepts the value wins (bool before str in `bool | str`)
+            try:
+                return _build(a, value, path, file)
+            except RecipeError as e:
+                errors.append(e)
+        if len(options) == 1:
+            raise errors[0]
+        raise fail(f"expected {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
+        names = [f.name for f in dataclasses.fields(tp) if f.name != "source"]
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for k, v in value.items():
+            if k not in names:
+                raise RecipeError(f"{file}: unknown key `{path + '.' if path else ''}{k}`{_suggest(str(k), names)}; "
+                                  f"valid keys here are {', '.join(names)}.")
+            kwargs[k] = _build(hints[k], v, f"{path}.{k}" if path else k, file)
+        required = [f.name for f in dataclasses.fields(tp) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+        if required:
+            where = f"`{path}`" if path else "the top level"
+            raise RecipeError(f"{file}: {where} is missing the required key `{required[0]}` "
+                              f"({_type_name(hints[required[0]])}); add it to the YAML or pass "
+                              f"{path + '.' if path else ''}{required[0]}=VALUE on the command line.")
+        try:
+            return tp(**kwargs)
+        except FieldError as e:
+            key = f"{path}.{e.key}" if path else e.key
+            raise RecipeError(f"{file}: `{key}` = {e.value!r} is invalid: {e.allowed}.") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(f"expected a list of {_type_name(args[0])}")
+        return [_build(args[0], v, f"{path}[{i}]", file) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise fail("expected a mapping")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-5 as text; the user meant the number
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            hint = " (a number such as 2.0e-5 is expected)" \
+                if tp is float and isinstance(value, str) else ""
+            raise fail(f"expected {tp.__name__}, got {type(value).__name__}{hint}")
+        return value
+    raise AssertionError(f"unhandled type {tp} at {path}")
+
+
+def _merge(base: Any, over: Any) -> Any:
+    """Deep merge of YAML data: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base.get(k), v) if k in base else v
+        return out
+    return copy.deepcopy(over)
+
+
+def apply_override(raw: dict, override: str, file: str) -> None:
+    """Apply one `a.b.c=value` (or `stages[1].steps=value`) to the raw YAML data; the value is parsed as YAML."""
+    if "=" not in override:
+        raise RecipeError(f"{file}: command-line override {override!r} is not of the form section.key=value "
+                          f"(e.g. parallel.cp=4 or stages.0.steps=100).")
+    dotted, text = override.split("=", 1)
+    keys = [k for k in re.split(r"[.\[\]]+", dotted.strip()) if k]
+    node: Any = raw
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"{file}: override {override!r}: `{'.'.join(keys[:i])}` has {len(node)} "
+                                  f"entries, so the index must be 0..{len(node) - 1}, not {k!r}.")
+            k = int(k)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"{file}: override {override!r}: `{'.'.join(keys[:i])}` is not a section.")
+        if last:
+            node[k] = yaml.safe_load(text) if text.strip() else None
+        else:
+            if isinstance(node, dict) and node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+
+
+def _interpolate(raw: dict, value: str, file: str) -> str:
+    def lookup(m: re.Match) -> str:
+        node: Any = raw
+        for k in m.group(1).split("."):
+            if not isinstance(node, dict) or k not in node:
+                raise RecipeError(f"{file}: `run_dir` refers to ${{{m.group(1)}}}, which the recipe does not set.")
+            node = node[k]
+        return str(node)
+
+    return re.sub(r"\$\{([\w.]+)\}", lookup, value)
+
+
+def _check_layout(recipe: Recipe, file: str) -> None:
+    """Combinations only visible across sections: sequence length vs context parallelism, Ulysses vs heads."""
+    par, margs = recipe.parallel, recipe.model.model_args() if recipe.model.flavor else None
+    for i, st in enumerate(recipe.stages):
+        # Zigzag ring sharding cuts the sequence into 2*cp chunks (PITFALLS.md); all-gather / Ulysses into cp.
+        div = 2 * par.cp if par.cp_mode in ("ring", "hybrid") else par.cp
+        if st.seq_len % div:
+            raise RecipeError(f"{file}: `stages[{i}].seq_len` = {st.seq_len} is invalid: cp_mode {par.cp_mode!r} "
+                              f"with parallel.cp={par.cp} cuts each sequence into {div} equal chunks, so seq_len "
+                              f"must be a multiple of {div} (e.g. {(st.seq_len // div + 1) * div}).")
+        per_step = st.seq_len * st.train.micro_batch
+        if st.train.global_batch_tokens % per_step:
+            raise RecipeError(f"{file}: `stages[{i}].train.global_batch_tokens` = {st.train.global_batch_tokens} "
+                              f"is invalid: it must be a multiple of seq_len * micro_batch = {per_step} "
+                              f"(or 0 for one micro-batch per data-parallel rank).")
+    heads_deg = par.cp if par.cp_mode == "ulysses" else par.ulysses
+    if heads_deg > 1 and margs is None and recipe.model.path and (Path(recipe.model.path) / "config.json").exists():
+        margs = recipe.model.model_args()
+    if heads_deg > 1 and margs is not None and margs.n_heads % heads_deg:
+        key = "parallel.cp" if par.cp_mode == "ulysses" else "parallel.ulysses"
+        raise RecipeError(f"{file}: `{key}` = {heads_deg} is invalid: Ulysses shards attention heads, and the "
+                          f"model's {margs.n_heads} query heads are not divisible by {heads_deg}; use a degree that "
+                          f"divides {margs.n_heads} (or cp_mode ring / allgather).")
+
+
+def build_recipe(raw: dict, overrides: list[str] | None = None, file: str = "<recipe>") -> Recipe:
+    """Build and validate a Recipe from YAML data plus command-line overrides.
+
+    Args:
+        raw: the parsed YAML mapping.
+        overrides: `a.b=c` strings, applied in order over the YAML.
+        file: the file name quoted in error messages.
+    Returns:
+        The validated Recipe; each stage carries fully resolved data/train/memory/eval sections.
+    Raises:
+        RecipeError: unknown key, wrong type, missing required value or impossible combination.
+    """
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{file}: a recipe is a YAML mapping of sections (name, model, data, ..., stages), "
+                          f"got {type(raw).__name__}.")
+    raw = copy.deepcopy(raw)
+    for o in overrides or []:
+        apply_override(raw, o, file)
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError(f"{file}: `stages` = {stages_raw!r} is invalid: a non-empty list of stages, each with "
+                          f"name, seq_len and steps, is required.")
+    for i, st in enumerate(stages_raw):
+        if not isinstance(st, dict):
+            raise RecipeError(f"{file}: `stages[{i}]` = {st!r} is invalid: expected a mapping (name, seq_len, steps).")
+        for sec in STAGE_INHERITS:  # the stage's section = top-level section deep-merged with the stage's changes
+            top = raw.get(sec)
+            if sec in st and st[sec] is not None and top is not None:
+                st[sec] = _merge(top, st[sec])
+            elif sec not in st and top is not None:
+                st[sec] = copy.deepcopy(top)
+    resolved = dict(raw)
+    if isinstance(raw.get("run_dir", "runs/${name}"), str):
+        resolved["run_dir"] = _interpolate(raw, raw.get("run_dir", "runs/${name}"), file)
+    # Top-level sections first, so an error in an inherited value is reported where it was written.
+    for sec in ("model", "data", "parallel", "memory", "train", "checkpoint", "logging", "eval"):
+        if sec in resolved:
+            hints = typing.get_type_hints(Recipe)
+            _build(hints[sec], resolved[sec], sec, file)
+    recipe: Recipe = _build(Recipe, resolved, "", file)
+    recipe.source = file
+    _check_layout(recipe, file)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe with `a.b=c` overrides (command line > YAML > defaults).
+
+    Args:
+        path: the YAML file.
+        overrides: e.g. ["parallel.cp=4", "stages.0.steps=100"].
+    Returns:
+        The validated Recipe.
+    Raises:
+        RecipeError: the file is missing or not YAML, or any recipe problem (see build_recipe).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return build_recipe(raw, overrides, str(path))
