@@ -1,7 +1,13 @@
-"""Rotary position embeddings and their scaling methods (to be completed: see the rope registry issue).
+"""Rotary position embeddings and a registry of their scaling methods.
 
-The rope block uses Hugging Face's `rope_parameters` vocabulary (transformers 5), e.g.
+A rope block uses Hugging Face's `rope_parameters` vocabulary (transformers 5), e.g.
 `{"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0, "original_max_position_embeddings": 8192}`.
+Each `rope_type` is a small args dataclass plus a pure function `(args, dim, max_position_embeddings, seq_len)
+-> (inv_freq fp64, attention_scaling)` in `ROPE_METHODS`. Hugging Face types: default (also ABF, a new
+`rope_theta`), linear (PI), dynamic (dynamic NTK), yarn, llama3, longrope. Toolkit types, exported as a Hugging
+Face type by `export_rope`: ntk (static NTK-aware) -> default with the scaled base; resonance -> longrope.
+
+`max_position_embeddings` has its config.json meaning, which depends on the rope type (see `export_rope`).
 
 Precision (PITFALLS.md): `inv_freq` is computed in fp64 and kept in fp32 (never cast with the model);
 angles `pos * inv_freq` are fp32, or fp64 when positions reach 2**18, where fp32 loses ~0.06 rad.
@@ -10,6 +16,9 @@ angles `pos * inv_freq` are fp32, or fp64 when positions reach 2**18, where fp32
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,32 +26,468 @@ from torch import Tensor, nn
 FP64_ANGLES_FROM = 2**18  # positions at or beyond this use fp64 angles
 
 
-def rotary_dim(head_dim: int, rope: dict) -> int:
-    """Channels that rotate: partial rotary (e.g. 0.5) rotates the first `head_dim * factor` of each head."""
-    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-    return dim - dim % 2
+# ---------------------------------------------------------------------------------------------------------------
+# Args dataclasses: field names are the rope block's keys; fields without a default are required keys.
+
+
+@dataclass(frozen=True)
+class DefaultArgs:
+    rope_theta: float  # base of the geometric frequencies; ABF (Xiong et al. 2023) is just a larger one
+
+
+@dataclass(frozen=True)
+class LinearArgs:
+    rope_theta: float
+    factor: float  # position interpolation (Chen et al. 2023, arXiv:2306.15595): every frequency / factor
+
+
+@dataclass(frozen=True)
+class DynamicArgs:
+    rope_theta: float
+    factor: float  # dynamic NTK: base grows with the current length beyond max_position_embeddings
+
+
+@dataclass(frozen=True)
+class YarnArgs:  # YaRN, Peng et al. 2023 (arXiv:2309.00071)
+    rope_theta: float
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0  # dims rotating more than beta_fast times in the original length: extrapolate
+    beta_slow: float = 1.0  # dims rotating fewer than beta_slow times: interpolate (divide by factor)
+    attention_factor: float | None = None  # cos/sin scale; None: 0.1 ln(factor) + 1 (or the mscale ratio)
+    mscale: float | None = None  # DeepSeek-style: attention_factor = mscale(factor, mscale) / mscale(.., all_dim)
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None  # None means True: round the ramp bounds to whole dims
+
+
+@dataclass(frozen=True)
+class Llama3Args:  # Llama 3.1 frequency-band scaling
+    rope_theta: float
+    factor: float
+    low_freq_factor: float  # wavelengths above original / low_freq_factor are divided by factor
+    high_freq_factor: float  # wavelengths below original / high_freq_factor are kept; in between: smooth
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LongRopeArgs:  # LongRoPE, Ding et al. 2024 (arXiv:2402.13753), as in Phi-3
+    rope_theta: float
+    short_factor: tuple[float, ...]  # per-frequency divisors up to original_max_position_embeddings
+    long_factor: tuple[float, ...]  # ... and beyond it (chosen by the current length)
+    original_max_position_embeddings: int
+    factor: float | None = None  # only sets the default attention_factor; None: max_pos / original
+    attention_factor: float | None = None  # None: sqrt(1 + ln(factor) / ln(original))
+
+
+@dataclass(frozen=True)
+class NtkArgs:  # static NTK-aware scaling (bloc97, 2023): base * factor ** (dim / (dim - 2))
+    rope_theta: float
+    factor: float
+
+
+@dataclass(frozen=True)
+class ResonanceArgs:  # Resonance RoPE, Wang et al. 2024 (arXiv:2403.00071)
+    rope_theta: float
+    factor: float
+    original_max_position_embeddings: int
+    base_type: str = "yarn"  # the scaling the rounded wavelengths start from: linear, yarn or ntk
+    beta_fast: float | None = None  # yarn-only keys (base_type yarn), defaults as in YarnArgs
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+
+
+RESONANCE_BASE_TYPES = ("linear", "yarn", "ntk")
+_YARN_ONLY_KEYS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions: (args, rotary dim, max_position_embeddings, current length) -> (inv_freq fp64, attention scaling)
+
+
+def _default_inv_freq(theta: float, dim: int) -> Tensor:
+    """theta ** (-2i / dim) for i < dim / 2, fp64 (Su et al. 2021, RoFormer)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+
+def _default(args: DefaultArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    return _default_inv_freq(args.rope_theta, dim), 1.0
+
+
+def _linear(args: LinearArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    # Dividing positions by factor == dividing frequencies by factor.
+    return _default_inv_freq(args.rope_theta, dim) / args.factor, 1.0
+
+
+def _dynamic(args: DynamicArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    # Here max_pos is the original length: up to it, plain RoPE; beyond, the base grows so that the lowest
+    # frequency interpolates by factor * length / max_pos - (factor - 1) (Hugging Face's dynamic NTK).
+    length = max_pos if seq_len is None else max(seq_len, max_pos)
+    base = args.rope_theta * (args.factor * length / max_pos - (args.factor - 1)) ** (dim / (dim - 2))
+    return _default_inv_freq(base, dim), 1.0
+
+
+def _ntk(args: NtkArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    # The base that makes the lowest frequency interpolate by exactly `factor` while the highest is kept.
+    return _default_inv_freq(ntk_theta(args.rope_theta, args.factor, dim), dim), 1.0
+
+
+def ntk_theta(rope_theta: float, factor: float, dim: int) -> float:
+    """Static NTK-aware base: rope_theta * factor ** (dim / (dim - 2)), dim = rotary dim."""
+    return rope_theta * factor ** (dim / (dim - 2))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    # YaRN's attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (paper eq. 22).
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(args: YarnArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    orig, base = args.original_max_position_embeddings, args.rope_theta
+
+    def dim_of_rotations(rotations: float) -> float:
+        # The (fractional) dim index whose wavelength fits `rotations` times into the original length.
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of_rotations(args.beta_fast), dim_of_rotations(args.beta_slow)
+    if args.truncate is None or args.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid 0/0 in the ramp, as the reference implementation does
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: scale
+    extrapolated = _default_inv_freq(base, dim)
+    inv_freq = extrapolated / args.factor * ramp + extrapolated * (1 - ramp)
+    if args.attention_factor is not None:
+        scaling = args.attention_factor
+    elif args.mscale and args.mscale_all_dim:
+        scaling = _yarn_mscale(args.factor, args.mscale) / _yarn_mscale(args.factor, args.mscale_all_dim)
+    else:
+        scaling = _yarn_mscale(args.factor)
+    return inv_freq, float(scaling)
+
+
+def _llama3(args: Llama3Args, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    orig = args.original_max_position_embeddings
+    inv_freq = _default_inv_freq(args.rope_theta, dim)
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen, high_freq_wavelen = orig / args.low_freq_factor, orig / args.high_freq_factor
+    smooth = (orig / wavelen - args.low_freq_factor) / (args.high_freq_factor - args.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / args.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_freq_wavelen, inv_freq / args.factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, out), 1.0
+
+
+def _longrope(args: LongRopeArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    orig = args.original_max_position_embeddings
+    factor = args.factor if args.factor is not None else max_pos / orig
+    scaling = args.attention_factor
+    if scaling is None:
+        scaling = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    long = seq_len is not None and seq_len > orig  # the long factors only beyond the pretraining length
+    ext = torch.tensor(args.long_factor if long else args.short_factor, dtype=torch.float64)
+    return _default_inv_freq(args.rope_theta, dim) / ext, float(scaling)
+
+
+def _resonance(args: ResonanceArgs, dim: int, max_pos: int, seq_len: int | None) -> tuple[Tensor, float]:
+    match args.base_type:
+        case "linear":
+            inv_freq, scaling = _linear(LinearArgs(args.rope_theta, args.factor), dim, max_pos, seq_len)
+        case "ntk":
+            inv_freq, scaling = _ntk(NtkArgs(args.rope_theta, args.factor), dim, max_pos, seq_len)
+        case "yarn":
+            yarn_keys = {k: getattr(args, k) for k in _YARN_ONLY_KEYS if getattr(args, k) is not None}
+            yarn = YarnArgs(args.rope_theta, args.factor, args.original_max_position_embeddings, **yarn_keys)
+            inv_freq, scaling = _yarn(yarn, dim, max_pos, seq_len)
+        case other:
+            raise ValueError(f"resonance base_type {other!r} unknown; valid: {', '.join(RESONANCE_BASE_TYPES)}")
+    # Round every wavelength to a whole number of positions so each feature repeats exactly on the
+    # integer grid: no feature sees unseen phases beyond the training length (paper, Algorithm 1).
+    wavelen = (2 * math.pi / inv_freq).round().clamp(min=1.0)
+    return 2 * math.pi / wavelen, scaling
+
+
+@dataclass(frozen=True)
+class RopeMethod:
+    args_type: type
+    compute: Callable[[Any, int, int, int | None], tuple[Tensor, float]]
+    standard: bool  # a Hugging Face rope_type (written as is); else exported as one
+    factor_above_one: bool  # factor must be > 1 (factor < 1 is invalid for every type)
+    depends_on_length: bool  # frequencies change with the current length
+
+
+ROPE_METHODS: dict[str, RopeMethod] = {
+    "default": RopeMethod(DefaultArgs, _default, True, False, False),
+    "linear": RopeMethod(LinearArgs, _linear, True, True, False),
+    "dynamic": RopeMethod(DynamicArgs, _dynamic, True, True, True),
+    "yarn": RopeMethod(YarnArgs, _yarn, True, True, False),
+    "llama3": RopeMethod(Llama3Args, _llama3, True, True, False),
+    "longrope": RopeMethod(LongRopeArgs, _longrope, True, False, True),
+    "ntk": RopeMethod(NtkArgs, _ntk, False, True, False),
+    "resonance": RopeMethod(ResonanceArgs, _resonance, False, True, False),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and Hugging Face export
+
+_FLOAT_KEYS = ("rope_theta", "factor", "partial_rotary_factor", "beta_fast", "beta_slow", "attention_factor",
+               "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor")
+_COMMON_KEYS = ("rope_type", "partial_rotary_factor")  # valid for every type (transformers 5 accepts both)
+
+
+def _as_float(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = (" (YAML 1.1 reads 1e6 as a string: write 1.0e6 or 1000000.0)" if isinstance(value, str) else "")
+        raise ValueError(f"{path} = {value!r} must be a number{hint}")
+    if not math.isfinite(value):
+        raise ValueError(f"{path} = {value!r} must be a finite number")
+    return float(value)
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{path} = {value!r} is invalid: {allowed}")
+
+
+def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = None) -> dict:
+    """Check a rope block and return it normalised: floats as floats, defaults filled, `rope_type` first.
+
+    Args:
+        rope: the block in transformers-5 `rope_parameters` form (the legacy key `type` is read as `rope_type`).
+        where: the key path used in error messages, e.g. `stages[1].rope` or `config.json:rope_parameters`.
+        head_dim: when given, also checks what depends on it (rotary dim even, longrope list lengths).
+
+    Returns:
+        A new dict; the input is not modified.
+
+    Raises:
+        ValueError: naming `where.key`, the bad value and what is allowed, for an unknown `rope_type`, a missing
+            required key, an unknown key, a factor <= 1 where it must be > 1 (or < 1 anywhere), a non-numeric or
+            out-of-range value, or longrope factor lists whose length is not rotary_dim / 2.
+    """
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where} must be a mapping like {{rope_type: default, rope_theta: 10000.0}}, got {rope!r}")
+    r = dict(rope)
+    if "type" in r:  # transformers 4 `rope_scaling` spelling
+        legacy = r.pop("type")
+        _check(r.setdefault("rope_type", legacy) == legacy, f"{where}.type", legacy,
+               f"conflicts with {where}.rope_type = {r['rope_type']!r}; give one of them")
+    rope_type = r.setdefault("rope_type", "default")
+    if rope_type not in ROPE_METHODS:
+        raise ValueError(f"{where}.rope_type = {rope_type!r} is unknown; valid: {', '.join(ROPE_METHODS)}")
+    method = ROPE_METHODS[rope_type]
+    arg_fields = {f.name: f for f in fields(method.args_type)}
+    allowed = [*_COMMON_KEYS, *arg_fields]
+    for key in r:
+        if key not in allowed:
+            kind = "Hugging Face rope_type" if method.standard else "toolkit rope_type"
+            raise ValueError(f"{where}.{key} is not a key of the {kind} {rope_type!r}; allowed: {', '.join(allowed)}")
+    for name, f in arg_fields.items():
+        if name not in r and f.default is MISSING:
+            raise ValueError(f"{where}.{name} is missing: rope_type {rope_type!r} requires "
+                             f"{', '.join(n for n, g in arg_fields.items() if g.default is MISSING)}")
+    if rope_type == "resonance":
+        base_type = r.setdefault("base_type", "yarn")
+        _check(base_type in RESONANCE_BASE_TYPES, f"{where}.base_type", base_type,
+               f"valid: {', '.join(RESONANCE_BASE_TYPES)}")
+        for key in _YARN_ONLY_KEYS:
+            _check(base_type == "yarn" or key not in r, f"{where}.{key}", r.get(key),
+                   f"only for base_type yarn (base_type is {base_type!r})")
+    else:  # fill the defaults that transformers would assume, so the written block says what was trained
+        for name, f in arg_fields.items():
+            if name not in r and f.default is not None and f.default is not MISSING:
+                r[name] = f.default
+
+    for key in _FLOAT_KEYS:
+        if r.get(key) is not None:
+            r[key] = _as_float(r[key], f"{where}.{key}")
+    p = f"{where}."
+    _check(r["rope_theta"] > 1.0, p + "rope_theta", r["rope_theta"], "the RoPE base must be > 1 (e.g. 10000.0)")
+    if r.get("factor") is not None:
+        if method.factor_above_one:
+            _check(r["factor"] > 1.0, p + "factor", r["factor"],
+                   f"{rope_type} needs factor > 1 (factor 1 is no scaling: use rope_type default)")
+        else:
+            _check(r["factor"] >= 1.0, p + "factor", r["factor"], "must be >= 1")
+    prf = r.get("partial_rotary_factor", 1.0)
+    _check(0.0 < prf <= 1.0, p + "partial_rotary_factor", prf, "must be in (0, 1]")
+    for key in ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "low_freq_factor"):
+        if r.get(key) is not None:
+            _check(r[key] > 0, p + key, r[key], "must be > 0")
+    if r.get("beta_fast") is not None and r.get("beta_slow") is not None:
+        _check(r["beta_fast"] > r["beta_slow"], p + "beta_fast", r["beta_fast"],
+               f"must be > beta_slow ({r['beta_slow']})")
+    if "high_freq_factor" in r:
+        _check(r["high_freq_factor"] > r["low_freq_factor"], p + "high_freq_factor", r["high_freq_factor"],
+               f"must be > low_freq_factor ({r['low_freq_factor']})")
+    if r.get("truncate") is not None:
+        _check(isinstance(r["truncate"], bool), p + "truncate", r["truncate"], "must be true or false")
+    if "original_max_position_embeddings" in r:
+        orig = r["original_max_position_embeddings"]
+        ok = not isinstance(orig, bool) and isinstance(orig, (int, float)) and orig == int(orig) and orig > 0
+        _check(ok, p + "original_max_position_embeddings", orig, "must be a positive integer (the pretraining length)")
+        r["original_max_position_embeddings"] = int(orig)
+    for key in ("short_factor", "long_factor"):
+        if key in r:
+            values = r[key]
+            _check(isinstance(values, (list, tuple)) and len(values) > 0, p + key, values,
+                   "must be a non-empty list of numbers, one per rotary frequency")
+            r[key] = [_as_float(v, f"{p}{key}[{i}]") for i, v in enumerate(values)]
+            _check(all(v > 0 for v in r[key]), p + key, values, "every entry must be > 0")
+    if rope_type == "longrope":
+        _check(len(r["short_factor"]) == len(r["long_factor"]), p + "long_factor", f"{len(r['long_factor'])} entries",
+               f"must have as many entries as short_factor ({len(r['short_factor'])})")
+    if head_dim is not None:
+        dim = rotary_dim(head_dim, r, where)
+        if rope_type == "longrope":
+            _check(len(r["short_factor"]) == dim // 2, p + "short_factor", f"{len(r['short_factor'])} entries",
+                   f"needs rotary_dim / 2 = {dim // 2} entries (head_dim {head_dim})")
+        if rope_type in ("dynamic", "ntk") or r.get("base_type") == "ntk":
+            _check(dim > 2, p + "rope_type", rope_type, f"needs a rotary dim > 2 (got {dim})")
+    head = {"rope_type": rope_type, "rope_theta": r.pop("rope_theta")}
+    del r["rope_type"]
+    return head | r
+
+
+def rotary_dim(head_dim: int, rope: dict, where: str = "rope") -> int:
+    """Channels that rotate: partial rotary (e.g. 0.5) rotates the first `int(head_dim * factor)` of each head.
+
+    Raises:
+        ValueError: if that is not a positive even number (transformers would round it differently).
+    """
+    prf = rope.get("partial_rotary_factor", 1.0)
+    dim = int(head_dim * prf)  # int() truncates as transformers does
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"{where}.partial_rotary_factor = {prf!r} with head_dim {head_dim} rotates {dim} channels; "
+                         f"the rotary dim must be a positive even number")
+    return dim
+
+
+def _args(rope: dict) -> Any:
+    """A validated block as its method's args dataclass (lists become tuples)."""
+    method = ROPE_METHODS[rope["rope_type"]]
+    names = {f.name for f in fields(method.args_type)}
+    return method.args_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k in names})
+
+
+def export_rope(rope: dict, max_position_embeddings: int, *, head_dim: int | None = None) -> tuple[dict, int]:
+    """The Hugging Face `rope_parameters` to write for any rope type, and the `max_position_embeddings` to write.
+
+    Toolkit types become standard ones that transformers computes identically: `ntk` -> `default` with
+    `rope_theta * factor ** (d / (d - 2))`; `resonance` -> `longrope` with short_factor = long_factor = the
+    per-frequency ratio default_inv_freq / resonance_inv_freq and an explicit attention_factor. Standard types
+    are written cleaned (validated; yarn `beta_fast`/`beta_slow` as floats; longrope always with `factor`;
+    yarn/longrope/llama3 always carry `original_max_position_embeddings`), never with unknown keys.
+
+    `max_position_embeddings` rules, so that transformers and vLLM (which derives the servable length as
+    max_position_embeddings * factor for linear/dynamic, original_max_position_embeddings * factor for yarn,
+    and max_position_embeddings for llama3/longrope/default) agree on the context length:
+      - linear, dynamic: keep the original (pretraining) length; dynamic NTK starts scaling beyond it.
+      - yarn: original_max_position_embeddings * factor (floored to an int).
+      - default (incl. ABF and ntk), llama3, longrope (incl. resonance): the extended context length.
+    The input value has the same per-type meaning (config.json's), so only yarn can change it.
+
+    Args:
+        rope: a rope block (validated here).
+        max_position_embeddings: the model's value in the config.json meaning of `rope`'s type.
+        head_dim: the attention head dim; required for ntk and resonance (their export depends on it).
+
+    Returns:
+        (rope_parameters, max_position_embeddings_to_write); write the same dict as transformers 4's
+        `rope_scaling` (+ top-level `rope_theta`).
+
+    Raises:
+        ValueError: for an invalid block, a non-positive max_position_embeddings, or ntk/resonance without head_dim.
+    """
+    r = validate_rope(rope, head_dim=head_dim)
+    if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) \
+            or max_position_embeddings <= 0:
+        raise ValueError(f"max_position_embeddings = {max_position_embeddings!r} must be a positive integer")
+    extra = {"partial_rotary_factor": r["partial_rotary_factor"]} if "partial_rotary_factor" in r else {}
+    match r["rope_type"]:
+        case "default" | "linear" | "dynamic" | "llama3":
+            return r, max_position_embeddings
+        case "yarn":
+            return r, int(r["original_max_position_embeddings"] * r["factor"])
+        case "longrope":
+            if r.get("factor") is None:  # transformers 4.57 fails on a longrope block without it (PITFALLS.md)
+                r["factor"] = max_position_embeddings / r["original_max_position_embeddings"]
+            return r, max_position_embeddings
+        case "ntk" | "resonance" if head_dim is None:
+            raise ValueError(f"export_rope of rope_type {r['rope_type']!r} needs head_dim (its export depends on it)")
+        case "ntk":
+            theta = ntk_theta(r["rope_theta"], r["factor"], rotary_dim(head_dim, r))
+            return {"rope_type": "default", "rope_theta": theta} | extra, max_position_embeddings
+        case "resonance":
+            dim = rotary_dim(head_dim, r)
+            inv_freq, scaling = _resonance(_args(r), dim, max_position_embeddings, None)
+            ratio = (_default_inv_freq(r["rope_theta"], dim) / inv_freq).tolist()
+            return {"rope_type": "longrope", "rope_theta": r["rope_theta"], "short_factor": ratio,
+                    "long_factor": list(ratio), "factor": r["factor"], "attention_factor": scaling,
+                    "original_max_position_embeddings": r["original_max_position_embeddings"]} | extra, \
+                max_position_embeddings
+        case other:
+            raise ValueError(f"rope_type {other!r} has no export rule; valid: {', '.join(ROPE_METHODS)}")
+
+
+def context_length(rope: dict, max_position_embeddings: int) -> int:
+    """The longest sequence the rope targets, from config.json's max_position_embeddings (vLLM's derivation).
+
+    linear/dynamic: max_position_embeddings * factor; yarn: original * factor; others: max_position_embeddings.
+    """
+    r = validate_rope(rope)
+    match r["rope_type"]:
+        case "linear" | "dynamic":
+            return int(max_position_embeddings * r["factor"])
+        case "yarn":
+            return int(r["original_max_position_embeddings"] * r["factor"])
+        case _:
+            return max_position_embeddings
+
+
+def hf_max_position_embeddings(rope: dict, context: int) -> int:
+    """The config.json max_position_embeddings for a target context length (inverse of `context_length`)."""
+    r = validate_rope(rope)
+    match r["rope_type"]:
+        case "linear" | "dynamic":
+            return int(context / r["factor"])
+        case "yarn":
+            return int(r["original_max_position_embeddings"] * r["factor"])
+        case _:
+            return context
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The module
 
 
 def compute_inv_freq(rope: dict, head_dim: int, max_position_embeddings: int,
                      seq_len: int | None = None) -> tuple[Tensor, float]:
-    """Inverse frequencies (fp64, CPU) and the attention scaling applied to cos/sin.
+    """Inverse frequencies (fp64, CPU, rotary_dim / 2 entries) and the attention scaling applied to cos/sin.
 
-    `seq_len` matters only for methods that depend on the current length (dynamic, longrope).
+    Args:
+        rope: a rope block (validated here).
+        head_dim: attention head dim (the rotary dim follows from partial_rotary_factor).
+        max_position_embeddings: config.json's value (its meaning depends on the rope type, see `export_rope`).
+        seq_len: the current length; matters only for methods that depend on it (dynamic, longrope).
+
+    Returns:
+        (inv_freq, attention_scaling).
+
+    Raises:
+        ValueError: for an invalid rope block.
     """
-    dim = rotary_dim(head_dim, rope)
-    base = float(rope["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    match rope.get("rope_type", "default"):
-        case "default":
-            return inv_freq, 1.0
-        case "linear":
-            return inv_freq / float(rope["factor"]), 1.0
-        case other:
-            raise ValueError(f"rope_type {other!r} not implemented yet")
+    r = validate_rope(rope, head_dim=head_dim)
+    dim = rotary_dim(head_dim, r)
+    return ROPE_METHODS[r["rope_type"]].compute(_args(r), dim, max_position_embeddings, seq_len)
 
 
 def depends_on_length(rope: dict) -> bool:
-    return rope.get("rope_type", "default") in ("dynamic", "longrope")
+    """True for rope types whose frequencies change with the current length (dynamic, longrope)."""
+    return ROPE_METHODS[validate_rope(rope)["rope_type"]].depends_on_length
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,12 +495,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rope: dict, head_dim: int, max_position_embeddings: int):
         super().__init__()
-        self.rope = dict(rope)
+        self.rope = validate_rope(rope, head_dim=head_dim)
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
-        inv_freq, self.attention_scaling = compute_inv_freq(self.rope, head_dim, max_position_embeddings)
+        self.rotary_dim = rotary_dim(head_dim, self.rope)
+        self._method = ROPE_METHODS[self.rope["rope_type"]]
+        self._args = _args(self.rope)
+        inv_freq, self.attention_scaling = self._compute(None)
         self._inv_freq64 = inv_freq  # master copy, fp64 on CPU, outside the module's buffers
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _compute(self, seq_len: int | None) -> tuple[Tensor, float]:
+        return self._method.compute(self._args, self.rotary_dim, self.max_position_embeddings, seq_len)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) would cast inv_freq to bf16 (PITFALLS.md): let the move happen, then
@@ -64,20 +515,33 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq64.to(device=self.inv_freq.device, dtype=torch.float32)
         return self
 
-    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """position_ids (bs, s) int64 -> cos, sin (bs, s, rotary_dim) fp32, attention scaling applied."""
-        assert position_ids.dtype == torch.int64, f"position ids must be int64, got {position_ids.dtype}"
-        inv_freq, scaling = self.inv_freq, self.attention_scaling
+    def forward(self, position_ids: Tensor, seq_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin for the given positions, attention scaling applied.
+
+        Args:
+            position_ids: (bs, s) int64, global positions (also after context-parallel sharding).
+            seq_len: the length that selects length-dependent frequencies (dynamic, longrope); default
+                max(position_ids) + 1 as transformers does. Under context parallelism pass the global length:
+                a shard's own maximum differs between ranks.
+
+        Returns:
+            cos, sin: (bs, s, rotary_dim) fp32.
+
+        Raises:
+            ValueError: if position_ids is not int64.
+        """
+        if position_ids.dtype != torch.int64:
+            raise ValueError(f"position_ids must be int64 (fp32 cannot hold positions exactly), "
+                             f"got {position_ids.dtype}")
         max_pos = int(position_ids.max()) if position_ids.numel() else 0
-        if depends_on_length(self.rope):
-            inv64, scaling = compute_inv_freq(self.rope, self.head_dim, self.max_position_embeddings, max_pos + 1)
-            inv_freq = inv64.to(device=position_ids.device, dtype=torch.float32)
-        if max_pos >= FP64_ANGLES_FROM:
-            angle_dtype, inv = torch.float64, (inv64 if depends_on_length(self.rope) else self._inv_freq64)
-            inv = inv.to(position_ids.device) if position_ids.device.type != "mps" else inv.float()
+        inv64, inv32, scaling = self._inv_freq64, self.inv_freq, self.attention_scaling
+        if self._method.depends_on_length:
+            inv64, scaling = self._compute(max_pos + 1 if seq_len is None else seq_len)
+            inv32 = inv64.to(device=position_ids.device, dtype=torch.float32)
+        if max_pos >= FP64_ANGLES_FROM:  # fp32 angles lose ~0.06 rad at 1M (PITFALLS.md)
+            angles = position_ids[..., None].double() * inv64.to(position_ids.device)  # (bs, s, rotary_dim / 2)
         else:
-            angle_dtype, inv = torch.float32, inv_freq
-        angles = position_ids[..., None].to(angle_dtype) * inv.to(angle_dtype)  # (bs, s, rotary_dim / 2)
+            angles = position_ids[..., None].float() * inv32  # (bs, s, rotary_dim / 2)
         emb = torch.cat((angles, angles), dim=-1)  # (bs, s, rotary_dim)
         return (emb.cos() * scaling).float(), (emb.sin() * scaling).float()
 
