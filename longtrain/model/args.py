@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 # The Hugging Face architectures one decoder covers; the differences are a few named args.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face `layer_types` values we run
 
 
 @dataclass
@@ -27,16 +28,38 @@ class ModelArgs:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
-    sliding_window: int | None = None  # Mistral v0.1; None: full causal attention
+    sliding_window: int | None = None  # Mistral v0.1, Qwen2 `use_sliding_window`; None: full causal attention
+    # Per layer "full_attention" or "sliding_attention" (Qwen2/Qwen3 `layer_types`, derived from
+    # `max_window_layers`); None: every layer uses `sliding_window` (Mistral).
+    layer_types: list[str] | None = None
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    # Export bookkeeping (hf.py), so that save_hf(load_hf(x)) writes an equivalent directory:
+    # config.json keys longtrain does not interpret (pad_token_id, max_window_layers, ...), written back as read,
+    hf_extra: dict = field(default_factory=dict)
+    # and the directory the model was loaded from (tokenizer and generation_config.json are copied from it).
+    source_dir: str | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries, expected n_layers={self.n_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types has {bad}; allowed: {', '.join(LAYER_TYPES)}")
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each layer: `sliding_window` where the layer slides, else None."""
+        if self.layer_types is None:
+            return [self.sliding_window] * self.n_layers
+        return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
 
     def num_params(self, include_embedding: bool = True) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)

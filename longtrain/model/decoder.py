@@ -8,6 +8,7 @@ or ranks; attention goes through an `AttentionFn` (kernels/attention.py) that pa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _build_rotary(args: ModelArgs) -> RotaryEmbedding:
+    """RotaryEmbedding whose fp64 master `inv_freq` is computed on CPU, its buffer on the ambient device.
+
+    Under `torch.device("meta")` (build on meta, load or init later) a master computed on meta would hold
+    no values; `to_empty`/`to` later restore the fp32 buffer from the CPU master.
+    """
+    ambient = torch.empty(0).device  # the device a `with torch.device(...)` block selects
+    with torch.device("cpu"):
+        rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
+    return rotary.to(ambient)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. Parameter names follow Hugging Face's, minus the `model.` prefix (see hf.py)."""
 
@@ -91,7 +104,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
+        self.rotary = _build_rotary(args)
 
     @property
     def output_weight(self) -> Tensor:
@@ -109,7 +122,7 @@ class Transformer(nn.Module):
         if max_position_embeddings is not None:
             self.args.max_position_embeddings = max_position_embeddings
         device = self.rotary.inv_freq.device
-        self.rotary = RotaryEmbedding(self.args.rope, self.args.head_dim, self.args.max_position_embeddings).to(device)
+        self.rotary = _build_rotary(self.args).to(device)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -139,9 +152,14 @@ class Transformer(nn.Module):
         if mask is None:
             mask = AttnMask.causal(bs, seqlen, input_ids.device, doc_ids, self.args.sliding_window)
         cos, sin = self.rotary(position_ids)
+        # Qwen2/Qwen3 may mix sliding-window and full layers: derive one mask per distinct window
+        # (a fresh `cache`, since backends cache structures that depend on the window).
+        masks: dict[int | None, AttnMask] = {mask.window: mask}
         h = self.embed_tokens(input_ids)  # (bs, seqlen, dim)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+        for layer, window in zip(self.layers, self.args.layer_windows()):
+            if window not in masks:
+                masks[window] = replace(mask, window=window, cache={})
+            h = layer(h, cos, sin, masks[window])
         return self.norm(h)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
