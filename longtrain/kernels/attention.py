@@ -99,14 +99,43 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: 
 def get_attention_backend(name: str) -> AttentionFn:
     """Return the attention function registered under `name`.
 
+    Backends (each file's docstring says what it accepts):
+        reference   this file; fp32 oracle, any device, any mask.
+        sdpa_flash  attention_sdpa.py; torch's flash-attention 2, CUDA bf16/fp16, documents as varlen.
+        sdpa_cudnn  attention_sdpa.py; cuDNN fused attention, CUDA bf16/fp16, documents per call.
+        flex        attention_flex.py; flex_attention block masks, any mask; compiled on CUDA.
+        flash_attn  attention_flash_attn.py; the flash-attn 2 package (when installed), varlen.
+        fa4         attention_flash_attn.py; flash-attn-4 `flash_attn.cute` (when installed), varlen.
+        auto        attention_auto.py; per call, the fastest backend that takes the device, dtype, head dim
+                    and mask (table there).
+
     Raises:
         ValueError: `name` is not a known backend.
     """
+    # Imported here: the backend modules import AttnMask from this one.
     match name:
         case "reference":
             return attention_reference
+        case "sdpa_flash":
+            from longtrain.kernels.attention_sdpa import attention_sdpa_flash
+            return attention_sdpa_flash
+        case "sdpa_cudnn":
+            from longtrain.kernels.attention_sdpa import attention_sdpa_cudnn
+            return attention_sdpa_cudnn
+        case "flex":
+            from longtrain.kernels.attention_flex import attention_flex
+            return attention_flex
+        case "flash_attn":
+            from longtrain.kernels.attention_flash_attn import attention_flash_attn
+            return attention_flash_attn
+        case "fa4":
+            from longtrain.kernels.attention_flash_attn import attention_fa4
+            return attention_fa4
+        case "auto":
+            from longtrain.kernels.attention_auto import attention_auto
+            return attention_auto
         case _:
             raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(ATTENTION_BACKENDS)}")
 
 
-ATTENTION_BACKENDS = ("reference",)
+ATTENTION_BACKENDS = ("reference", "sdpa_flash", "sdpa_cudnn", "flex", "flash_attn", "fa4", "auto")

@@ -1,0 +1,55 @@
+"""`auto`: per call, the fastest backend that computes this attention correctly.
+
+The choice depends on the device, dtype, head dim and the mask's layout (attention_layout.py) and is
+cached on the mask, so it is made once per forward pass. Measured on an H100 SXM (docs/benchmarks.md,
+"Throughput (issue 8)"), bf16, Llama-3.2-1B attention shape (32 q / 8 kv heads, head_dim 64):
+
+| device | dtype          | head_dim          | layout                 | backend     |
+|--------|----------------|-------------------|------------------------|-------------|
+| cpu    | any            | any               | any                    | reference   |
+| cuda   | fp32           | any               | any                    | flex        |
+| cuda   | bf16 / fp16    | not %8 or > 256   | any                    | flex        |
+| cuda   | bf16 / fp16    | %8, <= 256        | causal / full / empty  | DENSE_CHOICE|
+| cuda   | bf16 / fp16    | %8, <= 256        | + sliding window       | sdpa_flash  |
+| cuda   | bf16 / fp16    | %8, <= 256        | varlen (packed docs)   | sdpa_flash  |
+| cuda   | bf16 / fp16    | %8, <= 256        | general (CP docs, ...) | flex        |
+
+On CPU `reference` is chosen over `flex`: eager flex materialises the same score matrix and has no
+backward on CPU. The packages flash_attn and fa4 are not chosen automatically: their LSE is not
+differentiable (ring attention needs it); name them explicitly.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from longtrain.kernels.attention import AttnMask, get_attention_backend
+from longtrain.kernels.attention_layout import classify
+
+# Which of the two torch fused kernels is faster for dense causal bf16 on the GPU measured (see table).
+DENSE_CHOICE = "sdpa_cudnn"
+
+
+def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
+    """The backend name `auto` uses for this call (the table in the module docstring)."""
+    if q.device.type != "cuda":
+        return "reference"
+    head_dim = q.shape[-1]
+    if q.dtype.itemsize != 2 or head_dim % 8 or head_dim > 256:
+        return "flex"
+    layout = classify(mask, q.shape[1], k.shape[1])
+    match layout.kind:
+        case "causal" | "full" | "empty":
+            return "sdpa_flash" if mask.window is not None else DENSE_CHOICE
+        case "varlen":
+            return "sdpa_flash"
+        case _:
+            return "flex"
+
+
+def attention_auto(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float) -> tuple[Tensor, Tensor]:
+    """Dispatch to `choose_backend(q, k, mask)` (cached per mask and shape)."""
+    key = ("auto", q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+    if key not in mask.cache:
+        mask.cache[key] = get_attention_backend(choose_backend(q, k, mask))
+    return mask.cache[key](q, k, v, mask, scale)
