@@ -1,0 +1,134 @@
+"""Activation checkpointing per block (full or selective) and offload of what it saves.
+
+Modes (applied from outside: each block's `forward` is wrapped on the instance; decoder code unchanged):
+
+- "none": autograd saves everything a block needs for backward.
+- "full": each block saves only its input and recomputes itself in backward (Chen et al. 2016,
+  arXiv:1604.06174). Costs one extra block forward, attention included.
+- "selective": each block is checkpointed with a per-op policy (torch selective activation checkpoint)
+  that *saves the outputs of the attention kernel* (output and log-sum-exp) and recomputes the rest
+  (norms, projections, RoPE, MLP). Attention is the costly op at long context (quadratic), the rest is
+  linear and cheap to redo (Korthikanti et al. 2022, arXiv:2205.05198, "selective recomputation";
+  PITFALLS.md). The attention ops recognised are the fused aten SDPA kernels (flash, cuDNN, efficient,
+  flash-for-CPU) and flash-attn's ops when loaded; `save_ops` adds others. An attention written as many
+  small ops (the pure-torch reference) has no single op to keep and is recomputed like the rest.
+
+`offload=True` moves what the blocks save to host memory (parallel/offload.py): with "full" only the
+block inputs (plus RoPE cos/sin once) go to the host, so GPU activation memory no longer grows with the
+layer count (ALST, arXiv:2506.13996, "activation checkpoint offload to CPU"); with "none" everything a
+block saves goes to the host. The full+offload path uses the re-entrant checkpoint, whose inputs are
+saved through autograd (`ctx.save_for_backward`) and therefore through the offload hooks; the
+non-re-entrant one keeps its inputs in a closure, out of reach of the hooks. Selective + offload is not
+supported (torch keeps the selectively saved outputs in a private cache the hooks do not see).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from longtrain.parallel.offload import GIB, ActivationOffloader
+
+AC_MODES = ("none", "selective", "full")
+
+
+def attention_ops() -> set:
+    """Attention kernel ops whose outputs selective checkpointing keeps (those present in this torch build)."""
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # flash-attn 2 registers torch.library ops when imported (its forward returns out and softmax_lse).
+    flash = getattr(torch.ops, "flash_attn", None)
+    for n in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
+        op = getattr(flash, n, None) if flash is not None else None
+        if op is not None:
+            ops.add(op.default if hasattr(op, "default") else op)
+    return ops
+
+
+def _policy(save_ops: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _full(orig, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
+    return checkpoint(orig, x, cos, sin, mask, use_reentrant=False)
+
+
+def _selective(orig, context_fn, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
+    return checkpoint(orig, x, cos, sin, mask, use_reentrant=False, context_fn=context_fn)
+
+
+def _offloaded(orig, offloader: ActivationOffloader, mode: str, n_layers: int, is_first: bool,
+               x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
+    if mode == "full" and is_first and torch.is_grad_enabled():
+        # Fail early, before layer 0 offloads anything: all layers' inputs plus RoPE cos/sin once.
+        needed = n_layers * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
+        offloader.check(needed, f"{n_layers} layer inputs of shape {tuple(x.shape)} {x.dtype} + RoPE cos/sin")
+    if not torch.is_grad_enabled():
+        return orig(x, cos, sin, mask)
+    with offloader.hooks():
+        if mode == "full":
+            # Re-entrant: its inputs go through ctx.save_for_backward, hence through the offload hooks.
+            return checkpoint(orig, x, cos, sin, mask, use_reentrant=True)
+        return orig(x, cos, sin, mask)
+
+
+def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_bytes: int | None = None,
+             save_ops: set | None = None, offload_min_bytes: int = 1 << 20) -> ActivationOffloader | None:
+    """Checkpoint (and optionally offload) the activations of every block of `model`.
+
+    Args:
+        model: a longtrain `Transformer` (anything with `.layers` of blocks called as block(x, cos, sin, mask)).
+        mode: "none" | "selective" | "full" (see the module docstring).
+        offload: move saved activations to host memory (pinned, side stream on CUDA).
+        host_budget_bytes: host RAM the offloaded activations may use; None = 90% of what is available.
+        save_ops: extra ops whose outputs selective mode keeps (added to `attention_ops()`).
+        offload_min_bytes: saved tensors smaller than this stay on the device.
+
+    Returns:
+        The ActivationOffloader when offload is on (its `peak_bytes` reports host usage), else None.
+
+    Raises:
+        ValueError: unknown mode, a model without `.layers`, or a budget larger than the available host RAM.
+        NotImplementedError: selective + offload.
+    """
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ValueError(f"apply_ac: {type(model).__name__} has no `.layers` of blocks")
+    match mode:
+        case "none" | "full" | "selective":
+            pass
+        case _:
+            raise ValueError(f"apply_ac: mode {mode!r} is not known; valid: {', '.join(AC_MODES)}")
+    if offload and mode == "selective":
+        raise NotImplementedError("activation offload with selective checkpointing is not supported: use "
+                                  "memory.activation_checkpoint=full with offload (ALST layout), or selective "
+                                  "without offload")
+    offloader = ActivationOffloader(host_budget_bytes, offload_min_bytes) if offload else None
+    context_fn = None
+    if mode == "selective":
+        ops = frozenset(attention_ops() | set(save_ops or ()))
+        context_fn = functools.partial(create_selective_checkpoint_contexts, functools.partial(_policy, ops))
+    for i, block in enumerate(layers):
+        if not hasattr(block, "_unwrapped_forward"):
+            block._unwrapped_forward = block.forward
+        orig = block._unwrapped_forward
+        if offloader is not None:
+            fn = functools.partial(_offloaded, orig, offloader, mode, len(layers), i == 0)
+        elif mode == "full":
+            fn = functools.partial(_full, orig)
+        elif mode == "selective":
+            fn = functools.partial(_selective, orig, context_fn)
+        else:
+            fn = orig
+        block.forward = types.MethodType(lambda self, x, cos, sin, mask, _fn=fn: _fn(x, cos, sin, mask), block)
+    return offloader
+
+
+__all__ = ["AC_MODES", "GIB", "apply_ac", "attention_ops"]

@@ -1,0 +1,214 @@
+"""Every memory switch gives the plain path's loss and gradients (fp32, CPU, tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from longtrain.kernels.attention import AttnMask
+from longtrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from longtrain.kernels.tiled_mlp import apply_tiled_mlp
+from longtrain.model.args import model_flavor
+from longtrain.model.decoder import Transformer
+from longtrain.parallel.activation_checkpoint import apply_ac
+from longtrain.parallel.offload import HostBudgetError, host_memory_available
+
+# fp32 on CPU: switches only reorder sums (chunks, tiles, recompute), so results agree to fp32 rounding
+# accumulated over a few hundred terms.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def sdpa_cpu_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal attention through the fused aten CPU flash kernel (one op, so selective AC can keep it)."""
+    assert mask.contiguous and not mask.has_docs
+    rep = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)  # (bs, n_heads, s, head_dim)
+    kt = k.transpose(1, 2).repeat_interleave(rep, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, True, scale=scale)[:2]
+    return out.transpose(1, 2), lse.float()
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    model = Transformer(model_flavor("debug"))
+    model.init_weights(seed)
+    return model
+
+
+def loss_and_grads(model: Transformer, ids: Tensor, labels: Tensor, loss_fn=None) -> tuple[Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    h = model.hidden_states(ids)
+    fn = loss_fn or (lambda h, w, y: linear_cross_entropy_reference(h.reshape(-1, h.shape[-1]), w, y.reshape(-1)))
+    loss = fn(h, model.output_weight, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same(a: tuple[Tensor, dict], b: tuple[Tensor, dict]) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=RTOL, atol=ATOL)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+@pytest.fixture
+def data() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 48), generator=g)
+    labels = torch.randint(0, 512, (2, 48), generator=g)
+    labels[:, ::5] = -100
+    return ids, labels
+
+
+# ---- linear + cross-entropy -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+def test_chunked_ce_matches_reference(chunk: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 33, 24, generator=g, requires_grad=True)
+    w = torch.randn(101, 24, generator=g, requires_grad=True)
+    y = torch.randint(0, 101, (3, 33), generator=g)
+    y[0, :10] = -100
+    loss = linear_cross_entropy(h, w, y, chunk_tokens=chunk)
+    gh, gw = torch.autograd.grad(loss * 0.37, (h, w))  # a non-unit grad_output must scale the stored grads
+    ref = linear_cross_entropy_reference(h.reshape(-1, 24), w, y.reshape(-1))
+    rh, rw = torch.autograd.grad(ref * 0.37, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(gh, rh, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(gw, rw, rtol=RTOL, atol=ATOL)
+    assert loss.dtype == torch.float32
+
+
+def test_chunked_ce_bf16_close_to_fp32_reference() -> None:
+    # bf16 logits chunk, fp32 log-sum-exp: the error is bf16 rounding of the inputs/logits (~3 significant digits).
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(200, 32, generator=g) * 0.2
+    y = torch.randint(0, 200, (64,), generator=g)
+    loss = linear_cross_entropy(h.bfloat16(), w.bfloat16(), y, chunk_tokens=16)
+    ref = linear_cross_entropy_reference(h, w, y)
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0.0)
+
+
+def test_chunked_ce_zero_valid_labels_gives_zero_and_zero_grads() -> None:
+    h = torch.randn(2, 9, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    y = torch.full((2, 9), -100)
+    loss = linear_cross_entropy(h, w, y, chunk_tokens=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_chunked_ce_bad_input() -> None:
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="outside"):
+        linear_cross_entropy(h, w, torch.tensor([1, 2, 10, -100]))
+    with pytest.raises(ValueError, match="impl"):
+        linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 4]), impl="cuda-magic")
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(h, w, torch.tensor([1, 2, 3]))
+
+
+def test_model_with_chunked_ce(data) -> None:
+    ids, labels = data
+    model = tiny_model()
+    plain = loss_and_grads(model, ids, labels)
+    chunked = loss_and_grads(model, ids, labels, lambda h, w, y: linear_cross_entropy(h, w, y, chunk_tokens=13))
+    assert_same(plain, chunked)
+
+
+# ---- tiled MLP ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile", [5, 16, 48])
+def test_tiled_mlp_matches_plain(data, tile: int) -> None:
+    ids, labels = data
+    model = tiny_model()
+    plain = loss_and_grads(model, ids, labels)
+    assert apply_tiled_mlp(model, tile) == tile
+    assert_same(plain, loss_and_grads(model, ids, labels))
+    with pytest.raises(ValueError, match="tile_tokens"):
+        apply_tiled_mlp(model, 0)
+
+
+def test_tiled_mlp_keeps_only_tile_inputs() -> None:
+    # The tiled MLP must not save (seq x intermediate) tensors for backward: count what autograd saves.
+    model = tiny_model()
+    apply_tiled_mlp(model, 8)
+    mlp, x = model.layers[0].mlp, torch.randn(1, 64, 64, requires_grad=True)
+    saved: list[tuple] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        mlp(x).sum().backward()
+    inter = model.args.intermediate_size
+    assert not any(inter in s and 64 in s for s in saved), saved  # no (…, 64 tokens, intermediate) tensor
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- activation checkpointing + offload --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,offload", [("full", False), ("selective", False), ("full", True), ("none", True)])
+def test_ac_matches_plain(data, mode: str, offload: bool) -> None:
+    ids, labels = data
+    model = tiny_model()
+    plain = loss_and_grads(model, ids, labels)
+    offloader = apply_ac(model, mode, offload=offload, offload_min_bytes=0)
+    assert_same(plain, loss_and_grads(model, ids, labels))
+    if offload:
+        assert offloader.peak_bytes > 0  # the hooks really moved tensors
+        assert offloader.live_bytes == 0  # and released them once backward consumed them
+
+
+def test_ac_with_tiled_mlp_and_chunked_ce(data) -> None:
+    ids, labels = data
+    model = tiny_model()
+    plain = loss_and_grads(model, ids, labels)
+    apply_ac(model, "full", offload=True, offload_min_bytes=0)
+    apply_tiled_mlp(model, 16)
+    assert_same(plain, loss_and_grads(model, ids, labels, lambda h, w, y: linear_cross_entropy(h, w, y, chunk_tokens=32)))
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.count = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func == self.op
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode,runs_per_layer", [("none", 1), ("full", 2), ("selective", 1)])
+def test_selective_ac_does_not_recompute_attention(data, mode: str, runs_per_layer: int) -> None:
+    ids, labels = data
+    model = tiny_model()
+    model.set_attention(sdpa_cpu_attention)
+    plain = loss_and_grads(model, ids, labels)
+    apply_ac(model, mode)
+    counter = _CountOps(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+    with counter:
+        result = loss_and_grads(model, ids, labels)
+    assert_same(plain, result)
+    assert counter.count == runs_per_layer * model.args.n_layers
+
+
+def test_ac_bad_options() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="valid: none, selective, full"):
+        apply_ac(model, "some")
+    with pytest.raises(NotImplementedError, match="selective"):
+        apply_ac(model, "selective", offload=True)
+
+
+def test_host_budget_too_large_fails_at_apply() -> None:
+    with pytest.raises(HostBudgetError, match="available"):
+        apply_ac(tiny_model(), "full", offload=True, host_budget_bytes=host_memory_available() * 4)
+
+
+def test_host_budget_exceeded_fails_before_offloading(data) -> None:
+    ids, labels = data
+    model = tiny_model()
+    offloader = apply_ac(model, "full", offload=True, host_budget_bytes=10_000, offload_min_bytes=0)
+    needed = model.args.n_layers * ids.numel() * model.args.dim * 4
+    with pytest.raises(HostBudgetError, match=r"needs .* GiB of host RAM .*offload_activations=false"):
+        model.hidden_states(ids)
+    assert offloader.live_bytes == 0 and needed > 10_000  # nothing was moved before the check fired
