@@ -1,0 +1,321 @@
+"""The training loop: stages in order, gradient accumulation, a globally normalised loss, checkpoints, logging.
+
+One step (torchtitan `train.py` forward_backward_step, PITFALLS.md "Loss and gradients"):
+    1. take this rank's micro-batches for the step; count valid labels; all-reduce the count over every rank
+       (dp and cp ranks hold disjoint tokens of the global batch, so the sum is the global count);
+    2. per micro-batch: hidden states -> linear_cross_entropy (a token sum, never full logits)
+       -> backward of sum / global_count (a rank with no valid token contributes exactly 0);
+    3. gradients summed over ranks (never averaged: the division already happened once, in step 2);
+    4. clip; a NaN/inf loss or gradient norm skips the update (counted; the run stops after max_bad_steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from longtrain.config import Recipe, StageConfig
+from longtrain.data.batch import Batch
+from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
+from longtrain.trainer import build
+from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint, save_checkpoint
+from longtrain.trainer.checkpoint import complete_checkpoints
+from longtrain.trainer.data import BatchSource, build_batch_source
+from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
+from longtrain.trainer.metrics import MetricsLogger, memory_gib
+from longtrain.trainer.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many NaN/inf steps)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # global steps done
+    losses: dict[int, float] = field(default_factory=dict)  # global step -> loss, steps of this run only
+    bad_steps: int = 0
+    status: str = "done"  # done | preempted | stopped (train.stop_after_steps)
+    evals: list[dict] = field(default_factory=list)  # rows of the stage evaluations
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    valid_tokens: int
+    skipped: bool
+
+
+class _Preemption:
+    """SIGTERM (a scheduler preempting the job) sets a flag; the loop checkpoints at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def install(self) -> None:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self) -> bool:
+        # Every rank must take the same branch (the save is collective): any rank's signal stops all.
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        return bool(all_reduce(flag, dist.ReduceOp.MAX).item() > 0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def micro_batches_per_step(stage: StageConfig, dp_size: int) -> int:
+    """Micro-batches each rank accumulates so that one step covers train.global_batch_tokens.
+
+    Raises:
+        ValueError: global_batch_tokens is not a multiple of seq_len * micro_batch * dp.
+    """
+    per_micro = stage.seq_len * stage.train.micro_batch * dp_size
+    gbt = stage.train.global_batch_tokens
+    if gbt == 0:
+        return 1
+    if gbt % per_micro:
+        raise ValueError(f"stage {stage.name!r}: train.global_batch_tokens={gbt} is not a multiple of seq_len x "
+                         f"micro_batch x data-parallel ranks = {stage.seq_len} x {stage.train.micro_batch} x "
+                         f"{dp_size} = {per_micro}; pick a multiple (e.g. {max(1, gbt // per_micro) * per_micro})")
+    return gbt // per_micro
+
+
+def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: build.Layout, stage: StageConfig,
+               inject_nan: bool) -> StepStats:
+    """Forward, backward and (unless the loss or gradients are not finite) one optimizer update."""
+    local_valid = sum(b.num_valid_tokens for b in batches)
+    if layout.cp_size > 1:  # cp ranks see the same global batch; each counts only the tokens it will hold
+        from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+
+        batches = [prepare_cp_inputs(b, layout.cp_rank, layout.cp_size, layout.cp_layout, layout.ulysses)
+                   for b in batches]
+        local_valid = sum(b.num_valid_tokens for b in batches)
+    global_valid = int(all_reduce(torch.tensor([local_valid], dtype=torch.int64)).item())
+    denom = max(global_valid, 1)  # no valid token anywhere: every sum is 0, so is the loss (skipped below)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
+    window = model.args.sliding_window
+    for b in batches:
+        b = b.to(info.device)
+        if layout.cp_size > 1:
+            mask = local_attn_mask(b, window)
+        else:
+            mask = None
+        hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask)
+        s = linear_cross_entropy(hidden, model.output_weight, b.labels)
+        if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
+            s = s * float("nan")
+        (s / denom).backward()
+        loss_sum += s.detach().float()
+    params = build.trainable(model)
+    if info.world_size > 1 and not layout.sharded:
+        # Replicated data parallelism: sum (not average) gradients; the loss is already globally normalised.
+        for p in params:
+            if p.grad is not None:
+                all_reduce(p.grad)
+    loss = (all_reduce(loss_sum) / denom).item()
+    max_norm = stage.train.grad_clip if stage.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or global_valid == 0
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss, grad_norm, global_valid, skipped)
+
+
+def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
+    """Run every stage of `recipe` (resuming from a checkpoint when `train.resume` says so).
+
+    Args:
+        recipe: a validated recipe (config.load_recipe).
+        info: process placement; default: read from the launcher's environment (init_distributed).
+    Returns:
+        What happened: steps done, per-step losses of this run, bad steps, status, stage evaluations.
+    Raises:
+        TrainingError: more than train.max_bad_steps NaN/inf steps.
+        ValueError: a bad resume path or a batch size that does not divide.
+    """
+    info = info or init_distributed()
+    run_dir = Path(recipe.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save(run_dir / "recipe.yaml")
+    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    seed_everything(recipe.train.seed + info.rank)
+    layout = build.build_layout(recipe, info)
+    model = build.build_model(recipe, info, layout)
+    base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
+    optimizer = build_optimizer(model.parameters(), recipe.stages[0].train.optimizer, info.device)
+    from longtrain.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    ckpt_root = run_dir / "checkpoints"
+
+    step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
+    resume_from = _resume_path(recipe, ckpt_root)
+    if resume_from is not None:
+        # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
+        from longtrain.trainer.checkpoint import read_meta
+
+        meta0 = read_meta(resume_from)
+        _set_stage_rope(model, recipe, min(meta0.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
+        meta, rank_state = load_checkpoint(resume_from, model, optimizer, info.rank)
+        step, start_stage, start_stage_step = meta.step, meta.stage, meta.stage_step
+        bad_steps = rank_state["bad_steps"]
+    total_steps = sum(s.steps for s in recipe.stages)
+    logger = MetricsLogger(run_dir, recipe.logging, recipe.name, recipe.to_dict(), total_steps, step, info.is_main)
+    if resume_from is not None:
+        logger.write(f"resumed from {resume_from} at step {step} (stage {start_stage})")
+    result = TrainResult(run_dir, step, bad_steps=bad_steps)
+    preempt = _Preemption()
+    preempt.install()
+    applied_memory = None
+    try:
+        for si in range(start_stage, len(recipe.stages)):
+            stage = recipe.stages[si]
+            _set_stage_rope(model, recipe, si, base_rope, base_max_pos)
+            if stage.memory != applied_memory:
+                if applied_memory is not None and applied_memory != type(stage.memory)():
+                    raise NotImplementedError(f"stage {stage.name!r} changes the memory section after stage "
+                                              f"{recipe.stages[si - 1].name!r} applied it; keep memory at the top level")
+                build.apply_memory(model, stage.memory)
+                applied_memory = stage.memory
+            source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
+                                        layout.dp_rank, layout.dp_size)
+            scheduler = build_scheduler(optimizer, stage.train.optimizer.lr, stage.steps, stage.train.schedule)
+            stage_step = 0
+            if rank_state is not None and si == start_stage:
+                source.load_state_dict(rank_state["data"])
+                scheduler.load_state_dict(rank_state["scheduler"])
+                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                    group["lr"] = lr  # building the scheduler reset the lr to step 0's
+                stage_step = start_stage_step
+            n_micro = micro_batches_per_step(stage, layout.dp_size)
+            fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
+            while stage_step < stage.steps:
+                t0 = time.perf_counter()
+                batches = [source.next_batch() for _ in range(n_micro)]
+                stats = train_step(model, optimizer, batches, info, layout, stage,
+                                   inject_nan=step + 1 in stage.train.debug_nan_steps)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()  # the schedule follows the step count, skipped steps included
+                step, stage_step = step + 1, stage_step + 1
+                dt = time.perf_counter() - t0
+                if stats.skipped:
+                    bad_steps += 1
+                    result.bad_steps = bad_steps
+                    logger.write(f"step {step}: loss {stats.loss} / grad norm {stats.grad_norm} is not finite "
+                                 f"(or no valid token): update skipped ({bad_steps} of at most "
+                                 f"{stage.train.max_bad_steps} allowed)")
+                    if bad_steps > stage.train.max_bad_steps:
+                        raise TrainingError(
+                            f"stopping at step {step} (stage {stage.name!r}): {bad_steps} steps had a NaN/inf loss "
+                            f"or gradient norm, more than train.max_bad_steps={stage.train.max_bad_steps}. Lower the "
+                            f"learning rate, check the data, or resume from the last checkpoint in {ckpt_root}.")
+                result.losses[step] = stats.loss
+                if step % recipe.logging.every_steps == 0 or stage_step == stage.steps:
+                    tokens = stage.seq_len * stage.train.micro_batch * n_micro * layout.dp_size
+                    tps = tokens / dt
+                    mfu = None
+                    if fpt is not None and peak is not None:
+                        from longtrain.trainer.flops import mfu as mfu_fn
+
+                        mfu = mfu_fn(tps / info.world_size, fpt, peak)
+                    logger.log({"step": step, "stage": si, "stage_name": stage.name, "loss": stats.loss,
+                                "lr": lr, "grad_norm": stats.grad_norm, "valid_tokens": stats.valid_tokens,
+                                "tokens_per_s": tps, "mfu": mfu, "memory_gib": memory_gib(info.device),
+                                "skipped": stats.skipped, "bad_steps": bad_steps})
+                done_stage = stage_step == stage.steps
+                next_stage, next_step = (si + 1, 0) if done_stage else (si, stage_step)
+                stop_now = recipe.train.stop_after_steps is not None and step >= recipe.train.stop_after_steps
+                preempted = preempt.agreed()
+                periodic = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
+                last = done_stage and si == len(recipe.stages) - 1
+                if periodic or last or stop_now or preempted:
+                    _save(recipe, model, optimizer, source, scheduler, info, ckpt_root, recipe_yaml,
+                          step, next_stage, next_step, bad_steps, base_rope)
+                if preempted or stop_now:
+                    result.status = "preempted" if preempted else "stopped"
+                    logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
+                    result.step = step
+                    return result
+            if stage.eval is not None:
+                from longtrain.trainer.stage_eval import evaluate_stage
+
+                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger)
+        result.step = step
+        return result
+    finally:
+        preempt.uninstall()
+        logger.close()
+
+
+def _throughput_model(args, seq_len: int, device: torch.device) -> tuple[float | None, float | None]:
+    try:
+        from longtrain.trainer import flops
+    except ImportError:  # the throughput helper's module: MFU is reported as null without it
+        return None, None
+    return flops.flops_per_token(args, seq_len), flops.device_peak_flops(device)
+
+
+def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_pos: int) -> None:
+    rope = build.stage_rope(recipe, si, base_rope)
+    max_pos = base_max_pos
+    for st in recipe.stages[: si + 1]:
+        max_pos = build.stage_max_positions(st, max_pos)
+    if rope != model.args.rope or max_pos != model.args.max_position_embeddings:
+        model.set_rope(rope, max_pos)
+
+
+def _resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
+    match recipe.train.resume:
+        case "never":
+            return None
+        case "auto":
+            found = complete_checkpoints(ckpt_root)
+            return found[-1] if found else None
+        case path:
+            return resolve_checkpoint(path)
+
+
+def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
+          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, base_rope: dict) -> None:
+    # After the last step of a stage the checkpoint points at the next stage, step 0: its loader and
+    # scheduler are built fresh on resume, so the saved ones are only used mid-stage.
+    lora = recipe.model.lora
+    meta = CheckpointMeta(step=step, stage=next_stage, stage_step=next_step,
+                          model_args=build.args_dict(model.args),
+                          lora=dataclasses.asdict(lora) if lora is not None else None,
+                          tokenizer=recipe.model.tokenizer, world_size=info.world_size)
+    rank_state = {"data": source.state_dict(), "scheduler": scheduler.state_dict(), "bad_steps": bad_steps}
+    save_checkpoint(ckpt_root, meta, model, optimizer, rank_state, info.rank, recipe_yaml,
+                    recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)
