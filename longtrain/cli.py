@@ -3,19 +3,91 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from types import ModuleType
+
+# Commands implemented elsewhere, each a module with `add_parser(subparsers)` and `run(args) -> int`.
+PLUGGED = {"eval": "longtrain.eval.command", "check-parallel": "longtrain.trainer.check_parallel",
+           "plan": "longtrain.plan"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from longtrain.config import RecipeError, load_recipe
+    from longtrain.trainer.train import TrainingError, train
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(recipe)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.status == "done":
+        print(f"done: {result.step} steps, run directory {result.run_dir}")
+    else:
+        print(f"{result.status} at step {result.step}; resume with the same command (train.resume=auto)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from longtrain.trainer.export import export_checkpoint
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, dtype=dtype, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _plugged(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(PLUGGED[name])
+    except ModuleNotFoundError as e:
+        if e.name is not None and PLUGGED[name].startswith(e.name):
+            return None  # that command's module is not part of this build
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="run a recipe: longtrain train RECIPE.yaml [section.key=value ...]")
+    p = sub.add_parser("train", help="run a recipe: longtrain train RECIPE.yaml [section.key=value ...]")
+    p.add_argument("recipe", help="the YAML recipe")
+    p.add_argument("overrides", nargs="*", help="overrides such as parallel.cp=4 stages.0.steps=100")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face directory")
+    p.add_argument("checkpoint", help="runs/NAME/checkpoints/latest, a step-N folder, or a checkpoints folder")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(run=_export)
+    for name in PLUGGED:
+        module = _plugged(name)
+        if module is not None:
+            module.add_parser(sub)
+            sub.choices[name].set_defaults(run=module.run)
+        else:
+            missing = sub.add_parser(name, help=f"(not available: {PLUGGED[name]} is not installed)")
+            missing.set_defaults(run=lambda a, n=name: _missing(n))
     return parser
+
+
+def _missing(name: str) -> int:
+    raise NotImplementedError(f"`longtrain {name}` needs {PLUGGED[name]}, which this checkout does not have yet")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    raise NotImplementedError(f"command {args.command!r} is not implemented yet")
+    return args.run(args)
 
 
 if __name__ == "__main__":
