@@ -1,0 +1,198 @@
+"""Context-parallel attention functions (same signature as a local backend) and `apply_cp`.
+
+Modes (`CP_MODES`):
+- ring:             K/V ring-passed over the cp group (ring_attention.py), zigzag-balanced.
+- allgather:        K/V (and key metadata) all-gathered, one local call; backward reduce-scatters dK/dV
+                    (Llama 3 paper, arXiv:2407.21783, section 3.3.2: robust for packed documents).
+- ulysses:          all-to-all from sequence to head sharding, one local call on the full sequence, and
+                    back (DeepSpeed-Ulysses, arXiv:2309.14509). Needs n_heads % cp == 0.
+- hybrid:           Ulysses inside groups of `ulysses` ranks, ring across groups (USP, arXiv:2405.07719).
+- hybrid_allgather: Ulysses inside groups, all-gather across groups.
+
+The model hands every layer the local AttnMask (`cp_shard.local_attn_mask`); these functions exchange
+the key-side metadata themselves and cache what they derive from it in `mask.cache` (once per
+forward pass, shared by all layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+from longtrain.kernels.attention import AttentionFn, AttnMask
+from longtrain.parallel.cp_ops import all_gather_meta, all_gather_seq, head_to_seq, seq_to_head
+from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.ring_attention import ring_attention
+
+CP_MODES = ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather")
+
+
+@dataclass
+class CPGroups:
+    """Process groups of context parallelism: the whole cp group and its ring x ulysses factors."""
+
+    cp: ProcessGroup
+    ring: ProcessGroup
+    ulysses: ProcessGroup
+
+    @staticmethod
+    def from_mesh(mesh: DeviceMesh) -> "CPGroups":
+        """Groups from a mesh built by ParallelDims.build_mesh (dims `cp`, `ring`, `ulysses`)."""
+        return CPGroups(cp=mesh["cp"].get_group(), ring=mesh["ring"].get_group(), ulysses=mesh["ulysses"].get_group())
+
+
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float, group: ProcessGroup,
+                        backend: AttentionFn) -> tuple[Tensor, Tensor]:
+    """Local queries against all-gathered keys/values of `group`: one backend call.
+
+    Args:
+        q: (bs, sq, n_heads, head_dim); k, v: (bs, sk, n_kv_heads, head_dim), same sk on every rank.
+        mask: local AttnMask; the gathered key mask is cached in `mask.cache`.
+        scale: softmax scale.
+        group: the ranks whose keys are gathered.
+        backend: local attention function.
+
+    Returns:
+        out (bs, sq, n_heads, head_dim), lse (bs, n_heads, sq) fp32.
+    """
+    if dist.get_world_size(group) == 1:
+        return backend(q, k, v, mask, scale)
+    key = ("allgather_mask", id(group))
+    if key not in mask.cache:
+        with torch.no_grad():
+            k_doc = None if mask.k_doc is None else all_gather_meta(mask.k_doc, group)
+            mask.cache[key] = AttnMask(q_index=mask.q_index, k_index=all_gather_meta(mask.k_index, group),
+                                       q_doc=mask.q_doc, k_doc=k_doc, window=mask.window, contiguous=False)
+    k_all, v_all = all_gather_seq(k, group), all_gather_seq(v, group)  # (bs, world * sk, n_kv_heads, head_dim)
+    return backend(q, k_all, v_all, mask.cache[key], scale)
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float, group: ProcessGroup,
+                      inner: AttentionFn) -> tuple[Tensor, Tensor]:
+    """Ulysses: trade sequence sharding for head sharding inside `group`, attend with `inner`, trade back.
+
+    With fewer K/V heads than the group size, K/V heads are replicated (by world / gcd(n_kv_heads, world))
+    so every rank holds the K/V heads its query heads use.
+
+    Args:
+        q: (bs, s, n_heads, head_dim); k, v: (bs, s, n_kv_heads, head_dim).
+        mask: local AttnMask; the gathered (full sequence of the group) mask is cached in `mask.cache`.
+        scale: softmax scale.
+        group: the Ulysses group.
+        inner: the attention on the gathered sequence: a local backend, or ring/allgather across groups.
+
+    Returns:
+        out (bs, s, n_heads, head_dim), lse (bs, n_heads, s) fp32.
+
+    Raises:
+        ValueError: n_heads is not divisible by the group size.
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return inner(q, k, v, mask, scale)
+    n_heads, n_kv = q.shape[2], k.shape[2]
+    if n_heads % world:
+        raise ValueError(f"Ulysses degree {world} must divide the number of attention heads ({n_heads}); "
+                         f"valid degrees: {[d for d in range(1, n_heads + 1) if n_heads % d == 0]}")
+    if n_kv % world:
+        # GQA with fewer K/V heads than ranks: kv head m -> kv heads m*rep .. m*rep+rep-1, which keeps
+        # query head i on kv head i // (n_heads / n_kv) and makes n_kv * rep = lcm(n_kv, world).
+        rep = world // math.gcd(n_kv, world)
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    key = ("ulysses_mask", id(group))
+    if key not in mask.cache:
+        with torch.no_grad():
+            q_index = all_gather_meta(mask.q_index, group)
+            k_index = q_index if mask.k_index is mask.q_index else all_gather_meta(mask.k_index, group)
+            q_doc = None if mask.q_doc is None else all_gather_meta(mask.q_doc, group)
+            k_doc = q_doc if mask.k_doc is mask.q_doc else all_gather_meta(mask.k_doc, group)
+            mask.cache[key] = AttnMask(q_index, k_index, q_doc, k_doc, window=mask.window, contiguous=False)
+    qh, kh, vh = seq_to_head(q, group), seq_to_head(k, group), seq_to_head(v, group)  # (bs, world*s, h/world, d)
+    out, lse = inner(qh, kh, vh, mask.cache[key], scale)
+    out = head_to_seq(out, group)  # (bs, s, n_heads, head_dim)
+    lse = head_to_seq(lse.transpose(1, 2).unsqueeze(-1), group)  # (bs, s, n_heads, 1)
+    return out, lse.squeeze(-1).transpose(1, 2)
+
+
+def make_cp_attention(mode: str, groups: CPGroups | DeviceMesh, local_backend: AttentionFn) -> AttentionFn:
+    """An AttentionFn that runs context-parallel attention, for `Transformer.set_attention`.
+
+    Args:
+        mode: one of CP_MODES.
+        groups: CPGroups, or a mesh from ParallelDims.build_mesh.
+        local_backend: per-rank attention (the reference backend on CPU).
+
+    Returns:
+        attn(q, k, v, mask, scale) -> (out, lse) on local (sharded) tensors.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if isinstance(groups, DeviceMesh):
+        groups = CPGroups.from_mesh(groups)
+    match mode:
+        case "ring":
+            return partial(ring_attention, group=groups.cp, backend=local_backend)
+        case "allgather":
+            return partial(allgather_attention, group=groups.cp, backend=local_backend)
+        case "ulysses":
+            return partial(ulysses_attention, group=groups.cp, inner=local_backend)
+        case "hybrid":
+            inner = partial(ring_attention, group=groups.ring, backend=local_backend)
+            return partial(ulysses_attention, group=groups.ulysses, inner=inner)
+        case "hybrid_allgather":
+            inner = partial(allgather_attention, group=groups.ring, backend=local_backend)
+            return partial(ulysses_attention, group=groups.ulysses, inner=inner)
+        case _:
+            raise ValueError(f"unknown cp mode {mode!r}; valid: {', '.join(CP_MODES)}")
+
+
+def cp_ulysses_degree(mode: str, dims: ParallelDims) -> int:
+    """The Ulysses degree the sharding must use for `mode` (prepare_cp_inputs' `ulysses`), checked against dims.
+
+    Raises:
+        ValueError: unknown mode, or dims.ulysses inconsistent with the mode.
+    """
+    match mode:
+        case "ring" | "allgather":
+            if dims.ulysses != 1:
+                raise ValueError(f"cp mode {mode!r} uses no Ulysses stage but ulysses={dims.ulysses}; use "
+                                 f"cp mode 'hybrid' (or 'hybrid_allgather'), or ulysses=1")
+            return 1
+        case "ulysses":
+            if dims.ulysses not in (1, dims.cp):
+                raise ValueError(f"cp mode 'ulysses' runs Ulysses over all cp={dims.cp} ranks but ulysses="
+                                 f"{dims.ulysses}; set ulysses={dims.cp} (or 1), or use cp mode 'hybrid'")
+            return dims.cp
+        case "hybrid" | "hybrid_allgather":
+            return dims.ulysses
+        case _:
+            raise ValueError(f"unknown cp mode {mode!r}; valid: {', '.join(CP_MODES)}")
+
+
+def apply_cp(model: torch.nn.Module, mode: str, mesh: DeviceMesh, local_backend: AttentionFn) -> None:
+    """Install context-parallel attention in every layer of `model` (via `model.set_attention`).
+
+    Args:
+        model: a longtrain Transformer.
+        mode: one of CP_MODES.
+        mesh: a mesh from ParallelDims.build_mesh.
+        local_backend: the per-rank attention backend.
+
+    Raises:
+        ValueError: unknown mode; n_heads not divisible by the Ulysses degree.
+    """
+    if mode in ("ulysses", "hybrid", "hybrid_allgather"):
+        degree = mesh["cp"].size() if mode == "ulysses" else mesh["ulysses"].size()
+        n_heads = model.args.n_heads
+        if n_heads % degree:
+            raise ValueError(f"cp mode {mode!r}: Ulysses degree {degree} must divide n_heads={n_heads}; valid "
+                             f"degrees: {[d for d in range(1, n_heads + 1) if n_heads % d == 0]}")
+    model.set_attention(make_cp_attention(mode, mesh, local_backend))

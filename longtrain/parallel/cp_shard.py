@@ -1,0 +1,138 @@
+"""Sharding a packed batch over context-parallel ranks (pure functions, no communication).
+
+Layouts:
+- zigzag (head-tail): the sequence is cut into 2*cp chunks and rank r keeps chunks r and 2cp-1-r, so
+  every rank does the same amount of causal attention work (Striped/zigzag balancing, see
+  Brandon et al. 2023 arXiv:2311.09431 and zhuzilin/ring-flash-attention's zigzag ring).
+- contiguous: rank r keeps the r-th of cp equal slices (simple; causal work is unbalanced).
+
+With Ulysses inside cp (cp = ring x ulysses, cp rank = ring_rank * ulysses + ulysses_rank) the zigzag
+cut is made for the ring degree and each ring rank's two chunks are split contiguously between its
+Ulysses ranks: after Ulysses' all-to-all the ring sees a perfect zigzag layout.
+
+A length that is not a multiple of the layout's chunk count is padded at the end with tokens whose
+labels are ignored and that belong to a fresh padding document: no real token attends to them and they
+attend to nothing real, so loss and gradients are those of the unpadded batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longtrain.data.batch import IGNORE_INDEX, Batch
+from longtrain.kernels.attention import AttnMask
+from longtrain.parallel.dims import padded_seq_len
+
+
+def _pad_batch(batch: Batch, padded_len: int) -> Batch:
+    """Pad every field to `padded_len` along the sequence with an ignored padding document."""
+    bs, seqlen = batch.input_ids.shape
+    n_pad = padded_len - seqlen
+    index = torch.arange(padded_len, device=batch.input_ids.device, dtype=torch.int64).expand(bs, padded_len)
+    if n_pad == 0:
+        return Batch(batch.input_ids, batch.labels, batch.position_ids, batch.doc_ids, index)
+
+    def pad(x: Tensor, value: int | Tensor) -> Tensor:
+        fill = torch.empty(bs, n_pad, dtype=x.dtype, device=x.device)
+        fill[:] = value if isinstance(value, int) else value[:, None]
+        return torch.cat([x, fill], dim=1)  # (bs, padded_len)
+
+    # A fresh document id per row (larger than any real one, never ANCHOR_DOC = -1).
+    pad_doc = batch.doc_ids.max(dim=1).values.clamp(min=0) + 1  # (bs,)
+    return Batch(input_ids=pad(batch.input_ids, 0), labels=pad(batch.labels, IGNORE_INDEX),
+                 position_ids=pad(batch.position_ids, 0), doc_ids=pad(batch.doc_ids, pad_doc), seq_index=index)
+
+
+def cp_shard_indices(seqlen: int, cp_rank: int, cp_size: int, mode: str, ulysses: int = 1,
+                     device: torch.device | str = "cpu") -> Tensor:
+    """Global token indices (int64, sorted by local position) that `cp_rank` holds of a padded sequence.
+
+    Args:
+        seqlen: the padded length (a multiple of 2*cp_size for zigzag, of cp_size for contiguous).
+        cp_rank: this rank's index in the cp group (ring_rank * ulysses + ulysses_rank).
+        cp_size: cp degree (ring x ulysses).
+        mode: "zigzag" or "contiguous".
+        ulysses: the Ulysses degree inside cp (1: plain ring / all-gather).
+
+    Returns:
+        (seqlen // cp_size,) int64 indices.
+
+    Raises:
+        ValueError: unknown mode, a rank outside [0, cp_size), cp_size not a multiple of ulysses, or a
+            length the layout cannot cut.
+    """
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} must be in [0, cp_size={cp_size})")
+    if cp_size % ulysses:
+        raise ValueError(f"cp_size={cp_size} must be a multiple of ulysses={ulysses}")
+    if padded_seq_len(seqlen, cp_size, mode) != seqlen:
+        raise ValueError(f"seqlen={seqlen} must be padded to a multiple of {2 * cp_size if mode == 'zigzag' else cp_size}"
+                         f" for the {mode} layout with cp={cp_size}")
+    local = seqlen // cp_size
+    match mode:
+        case "contiguous":
+            start = cp_rank * local
+            return torch.arange(start, start + local, device=device, dtype=torch.int64)
+        case "zigzag":
+            ring, ring_rank, u_rank = cp_size // ulysses, cp_rank // ulysses, cp_rank % ulysses
+            chunk = seqlen // (2 * ring)
+            head = torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk, device=device, dtype=torch.int64)
+            tail_start = (2 * ring - 1 - ring_rank) * chunk
+            tail = torch.arange(tail_start, tail_start + chunk, device=device, dtype=torch.int64)
+            ring_local = torch.cat([head, tail])  # (2 * chunk,) what the ring rank sees after all-to-all
+            return ring_local[u_rank * local:(u_rank + 1) * local]
+        case _:
+            raise ValueError(f"unknown cp layout {mode!r}; valid: zigzag, contiguous")
+
+
+def prepare_cp_inputs(batch: Batch, cp_rank: int, cp_size: int, mode: str = "zigzag", ulysses: int = 1) -> Batch:
+    """Shard a global packed batch for one context-parallel rank.
+
+    input_ids, labels, position_ids and doc_ids are cut together; seq_index receives each kept token's
+    index in the (padded) global sequence, and position_ids stay the global rotary positions.
+
+    Args:
+        batch: the global batch, (bs, seqlen) tensors, seq_index None.
+        cp_rank: this rank's index in the cp group (ring_rank * ulysses + ulysses_rank).
+        cp_size: the cp degree.
+        mode: "zigzag" or "contiguous".
+        ulysses: the Ulysses degree inside cp (hybrid and ulysses modes), 1 otherwise.
+
+    Returns:
+        The local Batch, (bs, padded_seqlen // cp_size) tensors; padded tokens have label -100.
+
+    Raises:
+        ValueError: the batch is already sharded (seq_index set), shapes differ, or a bad layout/rank.
+    """
+    if batch.seq_index is not None:
+        raise ValueError("prepare_cp_inputs expects a global batch (seq_index=None); this one is already sharded")
+    shape = batch.input_ids.shape
+    for name in ("labels", "position_ids", "doc_ids"):
+        if getattr(batch, name).shape != shape:
+            raise ValueError(f"batch.{name} has shape {tuple(getattr(batch, name).shape)}, input_ids {tuple(shape)}")
+    padded = _pad_batch(batch, padded_seq_len(shape[1], cp_size, mode))
+    idx = cp_shard_indices(padded.input_ids.shape[1], cp_rank, cp_size, mode, ulysses, batch.input_ids.device)
+    return Batch(input_ids=padded.input_ids[:, idx], labels=padded.labels[:, idx],
+                 position_ids=padded.position_ids[:, idx], doc_ids=padded.doc_ids[:, idx],
+                 seq_index=padded.seq_index[:, idx])
+
+
+def local_attn_mask(batch: Batch, window: int | None = None) -> AttnMask:
+    """The AttnMask of a local (sharded) batch: global indices and document ids on both sides.
+
+    The context-parallel attention functions exchange the key-side metadata across ranks; an
+    unsharded batch (seq_index None) gets the plain causal mask.
+
+    Args:
+        batch: a batch from prepare_cp_inputs (or a global one).
+        window: sliding-window size of the model (ModelArgs.sliding_window), None for full causal.
+
+    Returns:
+        The AttnMask to pass to `Transformer.hidden_states(..., mask=...)`.
+    """
+    if batch.seq_index is None:
+        bs, seqlen = batch.input_ids.shape
+        return AttnMask.causal(bs, seqlen, batch.input_ids.device, batch.doc_ids, window)
+    return AttnMask(q_index=batch.seq_index, k_index=batch.seq_index, q_doc=batch.doc_ids, k_doc=batch.doc_ids,
+                    window=window, contiguous=False)

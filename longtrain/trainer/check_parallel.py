@@ -1,0 +1,296 @@
+"""`longtrain check-parallel`: the parallel layout against cp=1 on the same packed batches.
+
+Runs under torchrun (or any initialised process group). Every rank builds the same model twice from
+one seed: a plain one (the reference: the whole global batch, every micro-batch, on one rank) and one
+with the layout applied (CP attention + FSDP2 or DeepSpeed). Both compute the token-sum loss divided by
+the global valid-token count; the report holds both losses, both gradient norms and the largest
+per-parameter gradient difference, relative to that parameter's largest gradient entry:
+max_p max|g_p - g_ref_p| / max|g_ref_p|.
+
+    torchrun --nproc-per-node 4 -m longtrain.trainer.check_parallel --flavor debug --cp 4 --cp-mode ring
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from longtrain.data.batch import IGNORE_INDEX, Batch
+from longtrain.kernels.attention import get_attention_backend
+from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
+from longtrain.model.args import ModelArgs, model_flavor
+from longtrain.model.decoder import Transformer
+from longtrain.parallel.context_parallel import CP_MODES, apply_cp, cp_ulysses_degree
+from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+from longtrain.parallel.dims import ParallelDims, validate_seq_len
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ParallelReport:
+    loss: float
+    loss_ref: float
+    grad_norm: float
+    grad_norm_ref: float
+    max_rel_grad_diff: float  # max over parameters of max|g - g_ref| / max|g_ref|
+    worst_param: str
+    n_valid_tokens: int
+
+    @property
+    def loss_rel_diff(self) -> float:
+        return abs(self.loss - self.loss_ref) / max(abs(self.loss_ref), 1e-30)
+
+    def ok(self, tolerance: float) -> bool:
+        return self.loss_rel_diff <= tolerance and self.max_rel_grad_diff <= tolerance
+
+
+def make_packed_batches(n_batches: int, bs: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[Batch]:
+    """Packed multi-document batches that stress CP sharding.
+
+    Each row holds: a few tiny documents (1-3 tokens), one long document (more than half the row,
+    so it spans every cp rank), then random-length documents; label positions that cross a document
+    boundary are ignored, plus a few random ignored labels. Even batches restart positions per
+    document, odd ones run them continuously across documents.
+
+    Returns:
+        `n_batches` global Batches of shape (bs, seq_len).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in range(n_batches):
+        ids = torch.randint(0, vocab_size, (bs, seq_len), generator=gen)
+        docs = torch.empty(bs, seq_len, dtype=torch.int64)
+        for row in range(bs):
+            lengths = [int(x) for x in torch.randint(1, 4, (3,), generator=gen)]
+            lengths.append(seq_len // 2 + int(torch.randint(1, max(2, seq_len // 4), (1,), generator=gen)))
+            while sum(lengths) < seq_len:
+                lengths.append(int(torch.randint(1, max(2, seq_len // 6), (1,), generator=gen)))
+            pos = 0
+            for d, n in enumerate(lengths):
+                docs[row, pos:min(pos + n, seq_len)] = d
+                pos += n
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        same_doc = docs[:, 1:] == docs[:, :-1]
+        labels[:, :-1] = torch.where(same_doc, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        labels[torch.rand(bs, seq_len, generator=gen) < 0.05] = IGNORE_INDEX
+        if b % 2 == 0:  # positions restart at each document
+            starts = torch.cat([torch.ones(bs, 1, dtype=torch.bool), ~same_doc], dim=1)
+            idx = torch.arange(seq_len).expand(bs, seq_len)
+            start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+            positions = idx - start_idx
+        else:
+            positions = torch.arange(seq_len).expand(bs, seq_len).clone()
+        batches.append(Batch(ids, labels, positions, docs))
+    return batches
+
+
+def _loss_sum(model: torch.nn.Module, batch: Batch, window: int | None) -> Tensor:
+    h = model.hidden_states(batch.input_ids, batch.position_ids, mask=local_attn_mask(batch, window))
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_weight, batch.labels.reshape(-1))
+
+
+def _full_grads(model: torch.nn.Module) -> dict[str, Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is None:
+            g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if hasattr(g, "full_tensor"):
+            g = g.full_tensor()
+        out[name] = g.float()
+    return out
+
+
+def _compare(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, str]:
+    if grads.keys() != ref.keys():
+        raise ValueError(f"parameter names differ: {sorted(set(grads) ^ set(ref))}")
+    worst, worst_name = 0.0, ""
+    for name, g_ref in ref.items():
+        diff = float((grads[name] - g_ref).abs().max()) / max(float(g_ref.abs().max()), 1e-30)
+        if diff > worst or not worst_name:
+            worst, worst_name = diff, name
+    return worst, worst_name
+
+
+def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, layout: str = "zigzag",
+                   ulysses: int = 1, dp_shard: int = -1, dp_replicate: int = 1, sharding: str = "fsdp",
+                   attention_backend: str = "reference", dtype: torch.dtype = torch.float32, n_batches: int = 2,
+                   bs: int = 1, seed: int = 0, zero_stage: int = 3) -> ParallelReport:
+    """Compare one optimizer step's loss and gradients of a parallel layout with cp=1 on the same data.
+
+    Must run inside an initialised default process group (all ranks call it).
+
+    Args:
+        model_args: the model (e.g. model_flavor("debug")).
+        seq_len: tokens per sequence (any length >= 2*cp; padding is internal).
+        cp: context-parallel degree; mode: one of CP_MODES; layout: "zigzag" | "contiguous".
+        ulysses: Ulysses degree inside cp (hybrid modes; mode "ulysses" uses cp).
+        dp_shard, dp_replicate: data-parallel degrees (dp_shard=-1: what the world leaves).
+        sharding: "fsdp", "deepspeed" or "none" (no sharding: cp ranks sum gradients by all-reduce).
+        attention_backend: local backend name (kernels.attention).
+        dtype: compute dtype of the parallel model (and of the reference).
+        n_batches: micro-batches per data-parallel rank.
+        bs: rows per micro-batch; seed: model init and data seed.
+        zero_stage: DeepSpeed ZeRO stage (sharding="deepspeed").
+
+    Returns:
+        A ParallelReport (identical on all ranks).
+
+    Raises:
+        ValueError: bad degrees, modes or sequence length.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if mode == "ulysses":
+        ulysses = cp
+    dims = ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ulysses=ulysses, world_size=world)
+    validate_seq_len(seq_len, cp, layout)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    mesh = dims.build_mesh(device_type)
+    u_degree = cp_ulysses_degree(mode, dims)
+
+    torch.manual_seed(seed)
+    ref = Transformer(copy.deepcopy(model_args)).to(device)
+    ref.init_weights(seed)
+    model = copy.deepcopy(ref)
+    ref.to(dtype)
+    backend = get_attention_backend(attention_backend)
+    ref.set_attention(backend)
+    window = model_args.sliding_window
+
+    # The global data: dp ranks x micro-batches; every rank sees all of it for the reference.
+    batches = make_packed_batches(dims.dp * n_batches, bs, seq_len, model_args.vocab_size, seed)
+    batches = [b.to(device) for b in batches]
+    n_valid = sum(b.num_valid_tokens for b in batches)
+    denom = max(n_valid, 1)  # zero valid tokens: the loss is 0, not 0/0
+
+    loss_ref = torch.zeros((), device=device)
+    for b in batches:
+        loss = _loss_sum(ref, b, window) / denom
+        loss.backward()
+        loss_ref += loss.detach()
+    grads_ref = _full_grads(ref)
+
+    # The layout: CP attention, then sharding (the order of parallel.apply).
+    apply_cp(model, mode, mesh, backend)
+    dp_rank, cp_rank = mesh["dp"].get_local_rank(), mesh["cp"].get_local_rank()
+    engine = None
+    match sharding:
+        case "fsdp":
+            from longtrain.parallel.fsdp import apply_fsdp
+            apply_fsdp(model, mesh, param_dtype=dtype, reduce_dtype=torch.float32)
+        case "deepspeed":
+            from longtrain.parallel.deepspeed import deepspeed_wrap
+            engine = deepspeed_wrap(model, mesh, zero_stage=zero_stage, dtype=dtype)
+        case "none":
+            model.to(dtype)
+        case _:
+            raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp, deepspeed, none")
+    loss_par = torch.zeros((), device=device, dtype=torch.float32)
+    for b in batches[dp_rank::dims.dp]:
+        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
+        if engine is not None:
+            loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
+            engine.backward(loss)
+        else:
+            loss = _loss_sum(model, local, window) / denom
+            loss.backward()
+        loss_par += loss.detach().float()
+    dist.all_reduce(loss_par)
+    match sharding:
+        case "none":
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)  # cp (and dp) ranks hold different tokens: sum
+            grads = _full_grads(model)
+        case "fsdp":
+            grads = _full_grads(model)
+        case "deepspeed":
+            from longtrain.parallel.deepspeed import ds_full_grads
+            grads = ds_full_grads(engine)
+    worst, worst_name = _compare(grads, grads_ref)
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+    norm_ref = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads_ref.values())))
+    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=norm, grad_norm_ref=norm_ref,
+                          max_rel_grad_diff=worst, worst_param=worst_name, n_valid_tokens=n_valid)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flavor", default="debug", help="model flavor (model.args.MODEL_FLAVORS)")
+    p.add_argument("--seq-len", type=int, default=77, help="tokens per sequence; need not divide 2*cp")
+    p.add_argument("--cp", type=int, default=None, help="context-parallel degree (default: world size)")
+    p.add_argument("--cp-mode", default="ring", choices=CP_MODES)
+    p.add_argument("--cp-layout", default="zigzag", choices=("zigzag", "contiguous"))
+    p.add_argument("--ulysses", type=int, default=1, help="Ulysses degree inside cp (hybrid modes)")
+    p.add_argument("--dp-shard", type=int, default=-1)
+    p.add_argument("--dp-replicate", type=int, default=1)
+    p.add_argument("--sharding", default="fsdp", choices=("fsdp", "deepspeed", "none"))
+    p.add_argument("--zero-stage", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--attention-backend", default="reference")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--batches", type=int, default=2, help="micro-batches per data-parallel rank")
+    p.add_argument("--bs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max relative loss / gradient difference (default 1e-5 in fp32, 2e-2 in bf16/fp16)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `check-parallel` on the `longtrain` CLI (a RECIPE positional is added by the CLI owner)."""
+    p = subparsers.add_parser("check-parallel", help="compare a parallel layout with cp=1 on packed batches")
+    _add_arguments(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the check from parsed arguments (initialises the process group from torchrun's env if needed).
+
+    Returns:
+        0 when loss and every gradient are within tolerance, 1 otherwise.
+    """
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    try:
+        dtype = DTYPES[args.dtype]
+        tolerance = args.tolerance if args.tolerance is not None else (1e-5 if dtype == torch.float32 else 2e-2)
+        report = check_parallel(model_flavor(args.flavor), args.seq_len, args.cp or dist.get_world_size(),
+                                args.cp_mode, layout=args.cp_layout, ulysses=args.ulysses, dp_shard=args.dp_shard,
+                                dp_replicate=args.dp_replicate, sharding=args.sharding,
+                                attention_backend=args.attention_backend, dtype=dtype, n_batches=args.batches,
+                                bs=args.bs, seed=args.seed, zero_stage=args.zero_stage)
+        ok = report.ok(tolerance)
+        if dist.get_rank() == 0:
+            print(f"check-parallel cp={args.cp or dist.get_world_size()} mode={args.cp_mode} layout={args.cp_layout} "
+                  f"sharding={args.sharding} dtype={args.dtype} world={dist.get_world_size()}\n"
+                  f"  loss      {report.loss:.8f}  cp=1: {report.loss_ref:.8f}  rel diff {report.loss_rel_diff:.2e}\n"
+                  f"  grad norm {report.grad_norm:.8f}  cp=1: {report.grad_norm_ref:.8f}\n"
+                  f"  max per-parameter relative grad diff {report.max_rel_grad_diff:.2e} ({report.worst_param})\n"
+                  f"  {'OK' if ok else 'FAILED'} (tolerance {tolerance:.1e}, {report.n_valid_tokens} valid tokens)",
+                  flush=True)
+        return 0 if ok else 1
+    finally:
+        if own_pg:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m longtrain.trainer.check_parallel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
