@@ -34,8 +34,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from longtrain.trainer.distributed import barrier
 
 COMPLETE = "COMPLETE"
-# DCP warns that it saves "in a single process" when no process group exists: that is the intent here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    with warnings.catch_warnings():
+        # DCP warns that it works "in a single process" when no process group exists: that is the intent.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        fn(state, checkpoint_id=str(path))
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -98,7 +103,7 @@ def save_checkpoint(root: str | Path, meta: CheckpointMeta, model: torch.nn.Modu
         tmp.mkdir()
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp / "dcp")
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank-{rank:05d}.pt")
     barrier()
     if rank == 0:
@@ -169,7 +174,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
                          f"resume with the same world size")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    _dcp(dcp.load, state, ckpt / "dcp")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
@@ -180,6 +185,6 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module) -> CheckpointMe
     """Load only the model weights of a checkpoint (export, eval), in one process."""
     ckpt = resolve_checkpoint(ckpt)
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
-    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    _dcp(dcp.load, state, ckpt / "dcp")
     set_model_state_dict(model, state["model"])
     return read_meta(ckpt)

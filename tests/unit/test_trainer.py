@@ -1,0 +1,123 @@
+"""Trainer on the debug model, CPU fp32: exact resume, NaN skipping, gradient accumulation, LoRA, export."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from longtrain.config import build_recipe
+from longtrain.trainer.checkpoint import complete_checkpoints, load_model_weights
+from longtrain.trainer.export import export_checkpoint, load_checkpoint_model
+from longtrain.trainer.train import TrainingError, train
+
+SEQ = 144  # the passkey task's fixed text is ~131 tokens with the builtin tokenizer
+
+
+def recipe(tmp_path: Path, *overrides: str, stages=None):
+    raw = {
+        "name": "t",
+        "run_dir": str(tmp_path / "run"),
+        "model": {"flavor": "debug", "overrides": {"n_layers": 1}},
+        "data": {"sources": [{"path": "synthetic:passkey", "options": {"digits": 3}}]},
+        "train": {"optimizer": {"lr": 3.0e-3}, "schedule": {"warmup_steps": 1}},
+        "logging": {"progress_bar": False, "plot": False},
+        "stages": stages or [
+            {"name": "short", "seq_len": SEQ, "steps": 3},
+            {"name": "long", "seq_len": 2 * SEQ, "steps": 2,
+             "rope": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
+        ],
+    }
+    return build_recipe(raw, list(overrides))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_exact_resume_across_a_stage_boundary(tmp_path):
+    full = train(recipe(tmp_path / "a"))
+    assert full.status == "done" and sorted(full.losses) == [1, 2, 3, 4, 5]
+    first = train(recipe(tmp_path / "b", "train.stop_after_steps=2"))
+    assert first.status == "stopped" and first.step == 2
+    second = train(recipe(tmp_path / "b"))  # resume: auto picks step-2
+    assert sorted(second.losses) == [3, 4, 5]
+    for step in (3, 4, 5):  # CPU fp32, same ops in the same order: bitwise equal
+        assert second.losses[step] == full.losses[step], step
+    # Weights at the end are bitwise equal too.
+    a = load_checkpoint_model(tmp_path / "a" / "run" / "checkpoints" / "latest")
+    b = load_checkpoint_model(tmp_path / "b" / "run" / "checkpoints" / "latest")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert b.args.rope["rope_type"] == "linear"  # the last stage's rope travels with the checkpoint
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    one = [{"name": "s", "seq_len": SEQ, "steps": 1}]
+    two = [{"name": "s", "seq_len": SEQ, "steps": 2}]
+    ref = train(recipe(tmp_path / "ref", "train.schedule.decay=constant", stages=one))
+    res = train(recipe(tmp_path / "nan", "train.schedule.decay=constant", "train.debug_nan_steps=[2]",
+                       "train.max_bad_steps=1", stages=two))
+    assert res.bad_steps == 1 and res.status == "done"
+    rows = metrics(tmp_path / "nan" / "run")
+    assert [r["skipped"] for r in rows] == [False, True] and rows[1]["loss"] != rows[1]["loss"]  # NaN logged
+    # No optimizer update on the NaN step: the weights equal those after step 1.
+    w_ref = load_checkpoint_model(tmp_path / "ref" / "run" / "checkpoints" / "latest").state_dict()
+    w_nan = load_checkpoint_model(tmp_path / "nan" / "run" / "checkpoints" / "latest").state_dict()
+    for name in w_ref:
+        assert torch.equal(w_ref[name], w_nan[name]), name
+    assert ref.losses[1] == res.losses[1]
+
+
+def test_too_many_nan_steps_stop_the_run(tmp_path):
+    with pytest.raises(TrainingError, match=r"2 steps had a NaN/inf loss.*max_bad_steps=1"):
+        train(recipe(tmp_path, "train.debug_nan_steps=[1, 2]", "train.max_bad_steps=1"))
+
+
+def test_grad_accumulation_equals_a_larger_micro_batch(tmp_path):
+    stage = [{"name": "s", "seq_len": SEQ, "steps": 3}]
+    # loss_on=answer: few valid labels per row, so a per-micro-batch mean would differ from the global one.
+    opts = "data.sources=[{path: 'synthetic:passkey', options: {digits: 3, loss_on: answer}}]"
+    accum = train(recipe(tmp_path / "acc", opts, "train.micro_batch=1", f"train.global_batch_tokens={2 * SEQ}",
+                         stages=stage))
+    wide = train(recipe(tmp_path / "mb", opts, "train.micro_batch=2", stages=stage))
+    # fp32: the two sum the same terms in a different order; 1e-5 relative covers that reordering.
+    for step in (1, 2, 3):
+        assert accum.losses[step] == pytest.approx(wide.losses[step], rel=1e-5), step
+    assert metrics(tmp_path / "acc" / "run")[0]["valid_tokens"] == metrics(tmp_path / "mb" / "run")[0]["valid_tokens"]
+
+
+def test_lora_trains_adapters_embeddings_norms_and_exports_merged(tmp_path):
+    stage = [{"name": "s", "seq_len": SEQ, "steps": 2}]
+    res = train(recipe(tmp_path, "model.lora={rank: 4, alpha: 8.0}", stages=stage))
+    assert res.status == "done"
+    out = export_checkpoint(tmp_path / "run" / "checkpoints" / "latest", tmp_path / "hf")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    merged = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    x = torch.randint(0, merged.args.vocab_size, (1, 50))
+    # Same fp32 weights, two implementations: 1e-4 absolute on logits of size ~1.
+    torch.testing.assert_close(hf(x).logits, merged(x), atol=1e-4, rtol=0)
+    assert not any("lora" in k for k in hf.state_dict())
+
+
+def test_export_loads_in_transformers_with_the_last_stage_rope(tmp_path):
+    train(recipe(tmp_path))
+    out = export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "hf")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 2.0
+    model = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    x = torch.randint(0, model.args.vocab_size, (1, 2 * SEQ))
+    torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)  # fp32, two implementations
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok("pass key 123")["input_ids"], skip_special_tokens=True).strip() == "pass key 123"
+
+
+def test_checkpoints_keep_last_and_latest_link(tmp_path):
+    stage = [{"name": "s", "seq_len": SEQ, "steps": 4}]
+    train(recipe(tmp_path, "checkpoint.every_steps=1", "checkpoint.keep_last=2", stages=stage))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-4"]
+    assert (root / "latest").resolve().name == "step-4"
+    assert (tmp_path / "run" / "recipe.yaml").is_file() and len(metrics(tmp_path / "run")) == 4
