@@ -46,7 +46,7 @@ class Tokenizer:
     """
 
     def __init__(self, backend: Any, *, kind: str, bos_id: int | None, eos_id: int, pad_id: int,
-                 vocab_size: int, add_bos: bool, name: str, chat_template: str | None = None):
+                 vocab_size: int, add_bos: bool, name: str, fingerprint: str, chat_template: str | None = None):
         self._backend = backend  # tokenizers.Tokenizer (kind "builtin") or a transformers tokenizer (kind "hf")
         self._kind = kind
         self.bos_id = bos_id
@@ -55,6 +55,7 @@ class Tokenizer:
         self.vocab_size = vocab_size
         self.add_bos = add_bos
         self.name = name
+        self.fingerprint = fingerprint  # changes whenever the ids could change: keys tokenization caches
         self.chat_template = chat_template
 
     def __repr__(self) -> str:
@@ -206,8 +207,13 @@ def _load_hf(path: str) -> Tokenizer:
     probe = hf.encode("a", add_special_tokens=True)
     add_bos = hf.bos_token_id is not None and len(probe) > 0 and probe[0] == hf.bos_token_id
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    h = hashlib.sha256(f"hf-{add_bos}-{hf.chat_template}".encode())
+    for f in sorted(p.iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")) and f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
     return Tokenizer(hf, kind="hf", bos_id=hf.bos_token_id, eos_id=hf.eos_token_id, pad_id=pad,
-                     vocab_size=len(hf), add_bos=add_bos, name=str(p), chat_template=hf.chat_template)
+                     vocab_size=len(hf), add_bos=add_bos, name=str(p), fingerprint=h.hexdigest()[:16],
+                     chat_template=hf.chat_template)
 
 
 def _builtin_cache_key(vocab: int) -> str:
@@ -245,7 +251,8 @@ def _train_builtin(vocab: int):
 def _load_builtin(vocab: int, cache_dir: Path) -> Tokenizer:
     from tokenizers import Tokenizer as RawTokenizer
 
-    path = cache_dir / "tokenizers" / f"builtin-{vocab}-{_builtin_cache_key(vocab)}" / "tokenizer.json"
+    key = f"builtin-{vocab}-{_builtin_cache_key(vocab)}"
+    path = cache_dir / "tokenizers" / key / "tokenizer.json"
     if path.exists():
         raw = RawTokenizer.from_file(str(path))
     else:
@@ -260,4 +267,5 @@ def _load_builtin(vocab: int, cache_dir: Path) -> Tokenizer:
     assert all(i is not None for i in digits), "builtin tokenizer lost a single-digit token"
     return Tokenizer(raw, kind="builtin", bos_id=raw.token_to_id(BUILTIN_BOS), eos_id=raw.token_to_id(BUILTIN_EOS),
                      pad_id=raw.token_to_id(BUILTIN_PAD), vocab_size=raw.get_vocab_size(with_added_tokens=True),
-                     add_bos=True, name=f"builtin:{vocab}" if vocab != BUILTIN_DEFAULT_VOCAB else "builtin")
+                     add_bos=True, name=f"builtin:{vocab}" if vocab != BUILTIN_DEFAULT_VOCAB else "builtin",
+                     fingerprint=key)
