@@ -77,8 +77,20 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
         _check(r.setdefault("rope_type", legacy) == legacy, f"{where}.type", legacy,
                f"conflicts with {where}.rope_type = {r['rope_type']!r}; give one of them")
     rope_type = r.setdefault("rope_type", "default")
-    if rope_type not in ROPE_METHODS:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_METHODS:
         raise ValueError(f"{where}.rope_type = {rope_type!r} is unknown; valid: {', '.join(ROPE_METHODS)}")
+    _check_keys(r, where)
+    _check_values(r, where)
+    if head_dim is not None:
+        _check_head_dim(r, where, head_dim)
+    head = {"rope_type": rope_type, "rope_theta": r.pop("rope_theta")}
+    del r["rope_type"]
+    return head | r
+
+
+def _check_keys(r: dict, where: str) -> None:
+    """Unknown and missing keys; fills defaults in place."""
+    rope_type = r["rope_type"]
     method = ROPE_METHODS[rope_type]
     arg_fields = {f.name: f for f in fields(method.args_type)}
     allowed = [*_COMMON_KEYS, *arg_fields]
@@ -86,8 +98,10 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
         if key not in allowed:
             kind = "Hugging Face rope_type" if method.standard else "toolkit rope_type"
             raise ValueError(f"{where}.{key} is not a key of the {kind} {rope_type!r}; allowed: {', '.join(allowed)}")
+    for key in [k for k, v in r.items() if v is None and k in arg_fields and arg_fields[k].default is not MISSING]:
+        del r[key]  # `attention_factor: null` and the like mean "not set": write nothing
     for name, f in arg_fields.items():
-        if name not in r and f.default is MISSING:
+        if r.get(name) is None and f.default is MISSING:
             raise ValueError(f"{where}.{name} is missing: rope_type {rope_type!r} requires "
                              f"{', '.join(n for n, g in arg_fields.items() if g.default is MISSING)}")
     if rope_type == "resonance":
@@ -102,6 +116,10 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
             if name not in r and f.default is not None and f.default is not MISSING:
                 r[name] = f.default
 
+
+def _check_values(r: dict, where: str) -> None:
+    """Types and ranges; converts numbers in place (floats as floats, the original length as int)."""
+    rope_type, method = r["rope_type"], ROPE_METHODS[r["rope_type"]]
     for key in _FLOAT_KEYS:
         if r.get(key) is not None:
             r[key] = _as_float(r[key], f"{where}.{key}")
@@ -128,7 +146,7 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
         _check(isinstance(r["truncate"], bool), p + "truncate", r["truncate"], "must be true or false")
     if "original_max_position_embeddings" in r:
         orig = r["original_max_position_embeddings"]
-        ok = not isinstance(orig, bool) and isinstance(orig, (int, float)) and orig == int(orig) and orig > 0
+        ok = (type(orig) is int or (isinstance(orig, float) and orig.is_integer())) and orig > 0
         _check(ok, p + "original_max_position_embeddings", orig, "must be a positive integer (the pretraining length)")
         r["original_max_position_embeddings"] = int(orig)
     for key in ("short_factor", "long_factor"):
@@ -141,16 +159,16 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
     if rope_type == "longrope":
         _check(len(r["short_factor"]) == len(r["long_factor"]), p + "long_factor", f"{len(r['long_factor'])} entries",
                f"must have as many entries as short_factor ({len(r['short_factor'])})")
-    if head_dim is not None:
-        dim = rotary_dim(head_dim, r, where)
-        if rope_type == "longrope":
-            _check(len(r["short_factor"]) == dim // 2, p + "short_factor", f"{len(r['short_factor'])} entries",
-                   f"needs rotary_dim / 2 = {dim // 2} entries (head_dim {head_dim})")
-        if rope_type in ("dynamic", "ntk") or r.get("base_type") == "ntk":
-            _check(dim > 2, p + "rope_type", rope_type, f"needs a rotary dim > 2 (got {dim})")
-    head = {"rope_type": rope_type, "rope_theta": r.pop("rope_theta")}
-    del r["rope_type"]
-    return head | r
+
+
+def _check_head_dim(r: dict, where: str, head_dim: int) -> None:
+    """What depends on the head dim: an even rotary dim, longrope list lengths, NTK's d / (d - 2)."""
+    dim = rotary_dim(head_dim, r, where)
+    if r["rope_type"] == "longrope":
+        _check(len(r["short_factor"]) == dim // 2, f"{where}.short_factor", f"{len(r['short_factor'])} entries",
+               f"needs rotary_dim / 2 = {dim // 2} entries (head_dim {head_dim})")
+    if r["rope_type"] in ("dynamic", "ntk") or r.get("base_type") == "ntk":
+        _check(dim > 2, f"{where}.rope_type", r["rope_type"], f"needs a rotary dim > 2 (got {dim})")
 
 
 def rotary_dim(head_dim: int, rope: dict, where: str = "rope") -> int:
@@ -190,6 +208,13 @@ def export_rope(rope: dict, max_position_embeddings: int, *, head_dim: int | Non
       - yarn: original_max_position_embeddings * factor (floored to an int).
       - default (incl. ABF and ntk), llama3, longrope (incl. resonance): the extended context length.
     The input value has the same per-type meaning (config.json's), so only yarn can change it.
+
+    vLLM differs from transformers beyond the length (checked against vLLM's rotary_embedding sources): its
+    `yarn` ignores `attention_factor` and `mscale`/`mscale_all_dim` (it uses 0.1 ln(factor) + 1), and its
+    `longrope` ignores `factor`/`attention_factor` (it scales cos/sin by sqrt(1 + ln(s) / ln(original)),
+    s = max_position_embeddings / original) and uses the long factors at every length once its max model length
+    exceeds the original. So a resonance export (explicit attention_factor) matches transformers exactly but
+    gets vLLM's longrope scale; blocks without those keys agree in both.
 
     Args:
         rope: a rope block (validated here).

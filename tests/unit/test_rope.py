@@ -237,6 +237,17 @@ def test_buffers_stay_fp32_under_bf16_and_values_survive():
     torch.testing.assert_close(container[1].inv_freq, before, rtol=0, atol=0)
 
 
+def test_built_on_meta_then_materialised_keeps_the_fp64_master():
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIG}
+    reference = RotaryEmbedding(rope, HEAD_DIM, 16 * ORIG)
+    with torch.device("cpu"):
+        rotary = RotaryEmbedding(rope, HEAD_DIM, 16 * ORIG)
+    rotary.to("meta").to_empty(device="cpu")  # as a model built on meta and materialised after sharding
+    assert rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(rotary.inv_freq, reference.inv_freq, rtol=0, atol=0)
+
+
 def test_positions_must_be_int64():
     rotary = RotaryEmbedding({"rope_theta": 10000.0}, HEAD_DIM, ORIG)
     with pytest.raises(ValueError, match="int64.*int32"):
@@ -254,6 +265,12 @@ def test_validate_normalises():
     assert validate_rope({"rope_theta": 1e4}) == {"rope_type": "default", "rope_theta": 10000.0}
     res = validate_rope({"rope_type": "resonance", "rope_theta": 1e4, "factor": 2, "original_max_position_embeddings": 8})
     assert res["base_type"] == "yarn" and "beta_fast" not in res
+    # null optional keys (as some config.json files carry) mean "not set" and are not written back
+    lr = validate_rope({"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1, 2], "long_factor": [3, 4],
+                        "factor": None, "attention_factor": None, "original_max_position_embeddings": 64})
+    assert "factor" not in lr and "attention_factor" not in lr and lr["short_factor"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"rope\.factor is missing"):
+        validate_rope({"rope_type": "yarn", "rope_theta": 1e4, "factor": None, "original_max_position_embeddings": 8})
 
 
 BAD = [
