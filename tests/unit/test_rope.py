@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from longtrain.model.rope import (ROPE_METHODS, RotaryEmbedding, compute_inv_freq, context_length, export_rope,
-                                  hf_max_position_embeddings, validate_rope)
+from longtrain.model.rope import (ROPE_METHODS, RotaryEmbedding, apply_rotary, compute_inv_freq, context_length,
+                                  export_rope, hf_max_position_embeddings, validate_rope)
 
 # transformers computes inv_freq in fp32 (a pow and a division: a few ulps, ulp = 6e-8 relative); ours is fp64.
 RTOL_INV_FREQ = 1e-6
@@ -205,6 +205,19 @@ def test_longrope_switches_with_length_and_explicit_seq_len():
     cos_long, _ = rotary(torch.tensor([[ORIG - 1, ORIG]]))  # max position ORIG: length ORIG + 1 > original
     torch.testing.assert_close(cos_long[0, 0].double(), torch.cos(torch.cat([long_inv, long_inv]) * (ORIG - 1))
                                * rotary.attention_scaling, rtol=0, atol=ATOL_COS_SIN)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_rotary_matches_transformers_on_the_rotated_channels(partial):
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "partial_rotary_factor": partial,
+            "original_max_position_embeddings": ORIG}
+    cos, sin = RotaryEmbedding(rope, HEAD_DIM, 4 * ORIG)(torch.arange(3 * ORIG)[None])
+    q = torch.randn(1, 3 * ORIG, 4, HEAD_DIM)  # (bs, s, n_heads, head_dim)
+    rot = cos.shape[-1]
+    ref, _ = apply_rotary_pos_emb(q[..., :rot], q[..., :rot], cos, sin, unsqueeze_dim=2)
+    out = apply_rotary(q, cos, sin)
+    torch.testing.assert_close(out, torch.cat([ref, q[..., rot:]], dim=-1), rtol=0, atol=1e-6)  # fp32 both
+    assert apply_rotary(q.bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
 # ---- precision
