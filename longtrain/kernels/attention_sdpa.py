@@ -33,7 +33,7 @@ from longtrain.kernels.attention_layout import Layout, classify
 
 # cuDNN's fused attention in these aten ops takes equal q/kv head counts on the torch versions we target;
 # K/V heads are repeated for it (GQA). flash-attention 2 handles GQA natively.
-CUDNN_NATIVE_GQA = False
+CUDNN_NATIVE_GQA = True
 
 
 def _check_inputs(name: str, q: Tensor, k: Tensor) -> None:

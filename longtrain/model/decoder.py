@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.scale = 1.0 / math.sqrt(args.head_dim)
         self.attn_fn: AttentionFn = attention_reference
+        # RoPE application; kernels.apply_fused_kernels swaps in the fused Triton one (same signature).
+        self.rotary_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rotary
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask) -> Tensor:
         bs, seqlen, _ = x.shape
@@ -53,7 +56,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bs, seqlen, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary_fn(q, cos, sin), self.rotary_fn(k, cos, sin)
         out, _lse = self.attn_fn(q, k, v, mask, self.scale)  # (bs, seqlen, n_heads, head_dim)
         return self.o_proj(out.reshape(bs, seqlen, -1))
 

@@ -208,3 +208,38 @@ def measure_matmul_flops(args: ModelArgs, tokens: int, device: torch.device | st
         total_s += _time(step, device, iters, warmup) * count
         total_flops += 6.0 * tokens * k * n * count
     return total_flops / total_s
+
+
+def measure_attention_flops(attn_fn: Callable, args: ModelArgs, seq_len: int, device: torch.device | str,
+                            dtype: torch.dtype, doc_lens: Sequence[int] | None = None, iters: int = 5,
+                            warmup: int = 2) -> float:
+    """Useful FLOP/s of `attn_fn` fwd+bwd for one layer of the shape (masked pairs not counted).
+
+    Args:
+        attn_fn: an AttentionFn (kernels/attention.py).
+        args, seq_len, doc_lens: the shape; documents become the mask's doc ids.
+        device, dtype: where and in what precision to run.
+
+    Returns:
+        12 * n_heads * head_dim * visible pairs / measured seconds.
+    """
+    from longtrain.kernels.attention import AttnMask  # kernels is a leaf: importing it from trainer is fine
+
+    device = torch.device(device)
+    doc = None
+    if doc_lens is not None:
+        doc = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(list(doc_lens)))[None].to(device)
+    mask = AttnMask.causal(1, seq_len, device, doc, args.sliding_window)
+    q = torch.randn(1, seq_len, args.n_heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, seq_len, args.n_kv_heads, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    dout = torch.randn_like(q)
+    scale = args.head_dim ** -0.5
+
+    def step():
+        out, _ = attn_fn(q, k, v, mask, scale)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    sec = _time(step, device, iters, warmup)
+    pairs = attention_context(seq_len, doc_lens, True, args.sliding_window) * seq_len
+    return 12.0 * args.n_heads * args.head_dim * pairs / sec

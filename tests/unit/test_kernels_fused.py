@@ -1,0 +1,109 @@
+"""Fused Triton kernels (RMSNorm, RoPE, SwiGLU) against their pure-torch references, forward and backward,
+on CPU through Triton's interpreter; and a model with `apply_fused_kernels` against the plain model.
+
+TRITON_INTERPRET must be set when triton.jit decorates the kernels (at import) and while they run; it is
+set for the import and, by a fixture, for each test, and restored otherwise (other tests see no change).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+_triton_preloaded = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+_old = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton itself is imported: its own jit'd helpers too
+pytest.importorskip("triton")
+from longtrain.kernels import apply_fused_kernels  # noqa: E402
+from longtrain.kernels import rmsnorm as rmsnorm_mod  # noqa: E402
+from longtrain.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
+from longtrain.kernels.rope_apply import rope_apply, rope_apply_reference  # noqa: E402
+from longtrain.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+
+if _old is None:
+    os.environ.pop("TRITON_INTERPRET")
+else:
+    os.environ["TRITON_INTERPRET"] = _old
+
+from longtrain.model.args import model_flavor  # noqa: E402
+from longtrain.model.decoder import Transformer  # noqa: E402
+from longtrain.model.rope import RotaryEmbedding  # noqa: E402
+
+if _triton_preloaded or not rmsnorm_mod.INTERPRET:
+    pytest.skip("triton or longtrain.kernels.rmsnorm was imported before TRITON_INTERPRET=1 was set in this "
+                "process; run this file alone",
+                allow_module_level=True)
+
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# fp32 everywhere; the kernels reorder the fp32 sums: rounding only.
+FP32 = dict(atol=2e-5, rtol=2e-5)
+
+
+def _grads(fn, inputs, dy):
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point() and t.requires_grad) for t in inputs]
+    y = fn(*inputs)
+    return y, torch.autograd.grad(y, [t for t in inputs if t.requires_grad], dy)
+
+
+def test_rmsnorm():
+    x = torch.randn(3, 5, 48, requires_grad=True)  # dim not a power of two: masked tail
+    w = (1 + 0.1 * torch.randn(48)).requires_grad_()
+    dy = torch.randn(3, 5, 48)
+    y, g = _grads(lambda a, b: rmsnorm(a, b, 1e-5), [x, w], dy)
+    y_ref, g_ref = _grads(lambda a, b: rmsnorm_reference(a, b, 1e-5), [x, w], dy)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_swiglu():
+    gate, up = torch.randn(4, 7, 40, requires_grad=True), torch.randn(4, 7, 40, requires_grad=True)
+    dy = torch.randn(4, 7, 40)
+    y, g = _grads(swiglu, [gate, up], dy)
+    y_ref, g_ref = _grads(swiglu_reference, [gate, up], dy)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **FP32)
+    with pytest.raises(ValueError, match="must match"):
+        swiglu(gate, up[..., :8])
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rope(partial):
+    bs, s, h, d = 2, 9, 3, 16
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial}
+    pos = torch.randint(0, 100_000, (bs, s))  # large positions: fp32 angles matter
+    cos, sin = RotaryEmbedding(rope, d, 4096)(pos)
+    x = torch.randn(bs, s, h, d, requires_grad=True)
+    dy = torch.randn(bs, s, h, d)
+    y, (gx,) = _grads(lambda a: rope_apply(a, cos, sin), [x], dy)
+    y_ref, (gx_ref,) = _grads(lambda a: rope_apply_reference(a, cos, sin), [x], dy)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(gx, gx_ref, **FP32)
+    with pytest.raises(ValueError, match="float32"):
+        rope_apply(x, cos.bfloat16(), sin.bfloat16())
+
+
+def test_model_with_fused_kernels_matches_plain_model():
+    args = model_flavor("debug")
+    plain = Transformer(args)
+    plain.init_weights(0)
+    fused = Transformer(args)
+    fused.load_state_dict(plain.state_dict())
+    apply_fused_kernels(fused)
+    ids = torch.randint(0, args.vocab_size, (2, 24))
+    out_plain, out_fused = plain(ids), fused(ids)
+    torch.testing.assert_close(out_fused, out_plain, atol=1e-4, rtol=1e-4)  # fp32, 2 layers of reordering
+    out_plain.square().mean().backward()
+    out_fused.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
