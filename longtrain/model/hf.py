@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from longtrain.model.args import ARCHITECTURES, ModelArgs
 from longtrain.model.decoder import Transformer
-from longtrain.model.rope import context_length, export_rope, validate_rope
+from longtrain.model.rope import compute_inv_freq, context_length, export_rope, validate_rope
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -120,8 +120,11 @@ def _read_rope(cfg: dict, where: str) -> dict:
                              "Make them identical")
     rope.setdefault("rope_theta", 10000.0)
     if rope["rope_type"] in ("llama3", "yarn", "longrope"):  # as transformers' standardize_rope_params
-        rope.setdefault("original_max_position_embeddings",
-                        cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
+        top = cfg.get("original_max_position_embeddings")  # Phi-3 style; transformers 5 lets it win
+        if top is not None and rope.setdefault("original_max_position_embeddings", top) != top:
+            raise ValueError(f"{where}: original_max_position_embeddings={top} disagrees with the rope block's "
+                             f"{rope['original_max_position_embeddings']}; make them identical")
+        rope.setdefault("original_max_position_embeddings", cfg["max_position_embeddings"])
     return rope
 
 
@@ -361,6 +364,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     }
     if "partial_rotary_factor" in rope:  # 4.x reads it at the top level
         cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if rope["rope_type"] == "longrope":
+        # transformers 4.x (4.57 modeling_rope_utils) takes longrope's original length only from this
+        # top-level key (else max_position_embeddings: it would pick the short factors up to there) and
+        # then derives the attention factor from max_position_embeddings / original, not `factor`. Write
+        # the key; pin the attention factor where `factor` differs from that ratio.
+        cfg["original_max_position_embeddings"] = orig = rope["original_max_position_embeddings"]
+        if "attention_factor" not in rope and rope["factor"] != max_pos / orig:
+            rope["attention_factor"] = compute_inv_freq(rope, args.head_dim, max_pos)[1]
+            cfg["rope_scaling"]["attention_factor"] = rope["attention_factor"]
     return cfg
 
 

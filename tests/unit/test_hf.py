@@ -102,10 +102,30 @@ def test_reads_transformers4_config_form(tmp_path: Path):
     torch.testing.assert_close(model(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_longrope_written_for_transformers4(tmp_path: Path):
+    """4.x takes longrope's original length from a top-level key and its attention factor from
+    max_position_embeddings / original: both are pinned so that it runs what transformers 5 runs."""
+    rope, max_pos = ROPE_CASES["longrope"]
+    _, src = build_hf(LlamaConfig, tmp_path / "src", max_pos)
+    ours = load_hf(src, rope={**rope, "factor": 8.0})  # not max_pos / original = 4
+    out = save_hf(ours, tmp_path / "out")
+    cfg = read_config(out)
+    assert cfg["original_max_position_embeddings"] == ORIG_LEN
+    assert cfg["rope_scaling"]["attention_factor"] == cfg["rope_parameters"]["attention_factor"] \
+        == pytest.approx(ours.rotary.attention_scaling, abs=0)
+    ids = input_ids()
+    torch.testing.assert_close(hf_from(out)(ids).logits, ours(ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(load_hf(out)(ids), ours(ids), atol=ATOL, rtol=0)
+
+
 def test_disagreeing_rope_forms_are_refused(tmp_path: Path):
     _, src = build_hf(LlamaConfig, tmp_path, ORIG_LEN, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
     write_config(src, rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(ValueError, match=r"config\.json.*rope_scaling.*disagree with rope_parameters"):
+        load_hf(src)
+    write_config(src, rope_scaling=None, rope_parameters={**ROPE_CASES["yarn"][0]}, original_max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"config\.json: original_max_position_embeddings=64 disagrees"):
         load_hf(src)
 
 
