@@ -20,6 +20,15 @@ block saves goes to the host. The full+offload path uses the re-entrant checkpoi
 saved through autograd (`ctx.save_for_backward`) and therefore through the offload hooks; the
 non-re-entrant one keeps its inputs in a closure, out of reach of the hooks. Selective + offload is not
 supported (torch keeps the selectively saved outputs in a private cache the hooks do not see).
+
+`seq_tile=N` runs each block as [per-token pre-attention part] -> attention -> [per-token post-attention
+part], the per-token parts over sequence tiles of N tokens, each tile checkpointed (ALST, arXiv:2506.13996,
+"sequence tiling" of the non-attention compute). Then a block keeps, besides its input, only attention's
+inputs and outputs (q, k, v, out, LSE): the fp32 norm/RoPE intermediates and the 4 x intermediate MLP
+tensors exist for one tile at a time. With "full" this bounds the working set of the layer being
+recomputed in backward, which is what limits the sequence length once block inputs are offloaded.
+The tiled block calls the block's own submodules in decoder.py's order (`_tiled_block_forward`); the
+parity tests compare it with the block's forward.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from longtrain.model.rope import apply_rotary
 from longtrain.parallel.offload import GIB, ActivationOffloader
 
 AC_MODES = ("none", "selective", "full")
@@ -50,6 +60,39 @@ def attention_ops() -> set:
         if op is not None:
             ops.add(op.default if hasattr(op, "default") else op)
     return ops
+
+
+def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
+    """decoder.Block.forward with its per-token parts run over checkpointed sequence tiles."""
+    attn = block.self_attn
+
+    def pre(x_t: Tensor, cos_t: Tensor, sin_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = block.input_layernorm(x_t)
+        bs, n, _ = h.shape
+        q = attn.q_proj(h).view(bs, n, -1, attn.head_dim)  # (bs, tile, n_heads, head_dim)
+        k = attn.k_proj(h).view(bs, n, -1, attn.head_dim)  # (bs, tile, n_kv_heads, head_dim)
+        v = attn.v_proj(h).view(bs, n, -1, attn.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return apply_rotary(q, cos_t, sin_t), apply_rotary(k, cos_t, sin_t), v
+
+    def post(x_t: Tensor, o_t: Tensor) -> Tensor:
+        bs, n = o_t.shape[:2]
+        y = x_t + attn.o_proj(o_t.reshape(bs, n, -1))  # (bs, tile, dim)
+        return y + block.mlp(block.post_attention_layernorm(y))
+
+    grad = torch.is_grad_enabled()
+
+    def run(fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+
+    seqlen = x.shape[1]
+    tiles = [(s, min(seqlen, s + tile)) for s in range(0, seqlen, tile)]
+    parts = [run(pre, x[:, s:e], cos[:, s:e], sin[:, s:e]) for s, e in tiles]
+    q, k, v = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))  # (bs, seqlen, heads, head_dim)
+    del parts
+    out, _lse = attn.attn_fn(q, k, v, mask, attn.scale)  # (bs, seqlen, n_heads, head_dim)
+    return torch.cat([run(post, x[:, s:e], out[:, s:e]) for s, e in tiles], dim=1)  # (bs, seqlen, dim)
 
 
 def _policy(save_ops: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -80,7 +123,8 @@ def _offloaded(orig, offloader: ActivationOffloader, mode: str, n_layers: int, i
 
 
 def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_bytes: int | None = None,
-             save_ops: set | None = None, offload_min_bytes: int = 1 << 20) -> ActivationOffloader | None:
+             save_ops: set | None = None, offload_min_bytes: int = 1 << 20, seq_tile: int | None = None,
+             ) -> ActivationOffloader | None:
     """Checkpoint (and optionally offload) the activations of every block of `model`.
 
     Args:
@@ -90,12 +134,15 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         host_budget_bytes: host RAM the offloaded activations may use; None = 90% of what is available.
         save_ops: extra ops whose outputs selective mode keeps (added to `attention_ops()`).
         offload_min_bytes: saved tensors smaller than this stay on the device.
+        seq_tile: run each block's per-token parts over checkpointed sequence tiles of this many tokens
+            (None: the block's own forward).
 
     Returns:
         The ActivationOffloader when offload is on (its `peak_bytes` reports host usage), else None.
 
     Raises:
-        ValueError: unknown mode, a model without `.layers`, or a budget larger than the available host RAM.
+        ValueError: unknown mode, a model without `.layers`, seq_tile < 1, or a budget larger than the
+            available host RAM.
         NotImplementedError: selective + offload.
     """
     layers = getattr(model, "layers", None)
@@ -110,6 +157,8 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         raise NotImplementedError("activation offload with selective checkpointing is not supported: use "
                                   "memory.activation_checkpoint=full with offload (ALST layout), or selective "
                                   "without offload")
+    if seq_tile is not None and seq_tile < 1:
+        raise ValueError(f"apply_ac: seq_tile must be >= 1 or None, got {seq_tile}")
     offloader = ActivationOffloader(host_budget_bytes, offload_min_bytes) if offload else None
     context_fn = None
     if mode == "selective":
@@ -119,6 +168,8 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         if not hasattr(block, "_unwrapped_forward"):
             block._unwrapped_forward = block.forward
         orig = block._unwrapped_forward
+        if seq_tile is not None:
+            orig = functools.partial(_tiled_block_forward, block, seq_tile)
         if offloader is not None:
             fn = functools.partial(_offloaded, orig, offloader, mode, len(layers), i == 0)
         elif mode == "full":

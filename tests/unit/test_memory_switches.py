@@ -30,8 +30,8 @@ def sdpa_cpu_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: f
     return out.transpose(1, 2), lse.float()
 
 
-def tiny_model(seed: int = 0) -> Transformer:
-    model = Transformer(model_flavor("debug"))
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    model = Transformer(model_flavor("debug", **overrides))
     model.init_weights(seed)
     return model
 
@@ -156,6 +156,44 @@ def test_ac_matches_plain(data, mode: str, offload: bool) -> None:
     if offload:
         assert offloader.peak_bytes > 0  # the hooks really moved tensors
         assert offloader.live_bytes == 0  # and released them once backward consumed them
+
+
+@pytest.mark.parametrize("mode,offload", [("none", False), ("full", False), ("full", True), ("selective", False)])
+def test_seq_tiled_blocks_match_plain(data, mode: str, offload: bool) -> None:
+    # qk-norm and q/k/v biases (Qwen3 / Qwen2 shapes): the tiled block must call every submodule the block does.
+    ids, labels = data
+    model = tiny_model(qk_norm=True, qkv_bias=True, o_bias=True)
+    with torch.no_grad():
+        for layer in model.layers:  # non-zero biases so that a skipped bias would show
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                lin.bias.normal_(0.0, 0.1)
+    plain = loss_and_grads(model, ids, labels)
+    apply_ac(model, mode, offload=offload, offload_min_bytes=0, seq_tile=10)
+    assert_same(plain, loss_and_grads(model, ids, labels))
+
+
+def _saved_shapes(model: Transformer, ids: Tensor) -> list[tuple]:
+    saved: list[tuple] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        h = model.hidden_states(ids)
+    h.sum().backward()
+    return saved
+
+
+def test_seq_tiled_block_saves_only_attention_tensors() -> None:
+    # Outside the per-tile checkpoints autograd may keep attention's q/k/v/out, never a whole-sequence MLP
+    # intermediate, and far fewer (seq, dim) norm/residual tensors than the plain block.
+    ids = torch.randint(0, 512, (1, 96))
+    plain = _saved_shapes(tiny_model(), ids)
+    model = tiny_model()
+    apply_ac(model, "none", seq_tile=8)
+    tiled = _saved_shapes(model, ids)
+    inter, dim = model.args.intermediate_size, model.args.dim
+    assert any(s[-1] == inter and 96 in s for s in plain)  # the plain block does keep them
+    assert not any(s[-1] == inter and 96 in s for s in tiled), tiled
+    n_plain, n_tiled = plain.count((1, 96, dim)), tiled.count((1, 96, dim))
+    assert n_tiled <= 4 < n_plain, (n_tiled, n_plain)  # only the final norm's tensors remain whole-sequence
+    assert any(len(s) == 4 and 96 in s for s in tiled)  # attention's q/k/v are kept, not recomputed
 
 
 def test_ac_with_tiled_mlp_and_chunked_ce(data) -> None:
