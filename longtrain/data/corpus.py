@@ -12,6 +12,8 @@ Two sources of text that need no download:
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import sysconfig
 from pathlib import Path
@@ -20,6 +22,8 @@ from typing import Iterator
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_CORPUS = ASSETS / "tiny_corpus.jsonl"
 TINY_CHAT = ASSETS / "tiny_chat.jsonl"
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo"}
 
 # Word lists written for this project.
 _NAMES = ["Ada", "Bram", "Cora", "Dev", "Elin", "Farid", "Gita", "Hugo", "Ines", "Jon", "Kira", "Lev", "Mara",
@@ -166,15 +170,19 @@ def stdlib_documents(min_chars: int = 0, max_docs: int | None = None) -> Iterato
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise ValueError(f"Python standard library not found at {root}")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune third-party packages and the test suites (fixtures, not documents) before descending
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        paths += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     n = 0
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(paths):
         rel = path.relative_to(root)
-        if "site-packages" in rel.parts or "test" in rel.parts or "tests" in rel.parts:
-            continue
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a few stdlib test fixtures are deliberately not UTF-8; they are not documents
+        except UnicodeDecodeError as e:  # stdlib sources are UTF-8 (PEP 3120); say so if one is not
+            logging.getLogger("longtrain.data").warning("stdlib_documents: skipping %s: not UTF-8 (%s)", path, e)
+            continue
         if len(text) < min_chars:
             continue
         yield str(rel), text

@@ -9,6 +9,7 @@ ranks draw from their own seeds.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 from typing import Any
@@ -82,6 +83,11 @@ def _tokenize_batch(batch: dict, tok: Tokenizer) -> dict:
             "_file": batch["_file"], "_line": batch["_line"]}
 
 
+def _fp(*parts: object) -> str:
+    """A `datasets` fingerprint (at most 64 characters) of the parts."""
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
 def _raise_bad_record(e: BaseException) -> None:
     """`datasets` wraps generator errors in DatasetGenerationError; surface our own error unchanged."""
     cause: BaseException | None = e
@@ -121,28 +127,33 @@ class MapSource:
             self.stats.add_bad(reason)
         fp = f"{raw._fingerprint}-{tok.fingerprint}-v{_PIPELINE_VERSION}"
         good = raw.filter(lambda e: [x is None for x in e], input_columns="_error", batched=True,
-                          new_fingerprint=f"{fp}-good")
+                          new_fingerprint=_fp(fp, "good"))
+        if len(good) == 0:  # `datasets` skips map() on an empty dataset: say what happened instead
+            raise ValueError(f"source {spec.path!r} has no usable document ({self.stats.records} records, "
+                             f"{self.stats.bad_records} bad: {'; '.join(self.stats.bad_examples[:3])})")
         tokd = good.map(_tokenize_batch, batched=True, batch_size=512, fn_kwargs={"tok": tok},
-                        remove_columns=good.column_names, features=_tok_features(), new_fingerprint=f"{fp}-tok")
+                        remove_columns=good.column_names, features=_tok_features(), new_fingerprint=_fp(fp, "tok"))
         n = np.asarray(tokd.data.column("n_tokens").to_numpy())
         lo, hi = spec.min_tokens, spec.max_tokens if spec.max_tokens is not None else np.iinfo(np.int64).max
         self.stats.filtered_short = int((n < lo).sum())
         self.stats.filtered_long = int((n > hi).sum())
         keep = np.nonzero((n >= lo) & (n <= hi))[0]
-        ds = tokd.select(keep, new_fingerprint=f"{fp}-len{lo}-{hi}").flatten_indices(
-            new_fingerprint=f"{fp}-len{lo}-{hi}-flat") if len(keep) < len(n) else tokd
         self.lengths = n[keep]
-        self.stats.documents, self.stats.tokens = len(ds), int(self.lengths.sum())
+        self.stats.documents, self.stats.tokens = len(keep), int(self.lengths.sum())
         if self.stats.bad_records:
             log.warning("source %s: skipped %d bad record(s) of %d, e.g. %s", spec.path, self.stats.bad_records,
                         self.stats.records, "; ".join(self.stats.bad_examples[:3]))
         if self.stats.filtered_short or self.stats.filtered_long:
             log.info("source %s: filtered %d document(s) shorter than %d and %d longer than %s tokens", spec.path,
                      self.stats.filtered_short, lo, self.stats.filtered_long, spec.max_tokens)
-        if len(ds) == 0:
+        if len(keep) == 0:
             raise ValueError(f"source {spec.path!r} has no usable document ({self.stats.records} records, "
                              f"{self.stats.bad_records} bad, {self.stats.filtered_short} shorter than min_tokens="
                              f"{lo}, {self.stats.filtered_long} longer than max_tokens={spec.max_tokens})")
+        ds = tokd
+        if len(keep) < len(n):  # materialise the kept rows contiguously (cached) for fast row access
+            ds = tokd.select(keep, new_fingerprint=_fp(fp, lo, hi)).flatten_indices(
+                new_fingerprint=_fp(fp, lo, hi, "flat"))
         self._ids = ds.data.column("input_ids")
         self._mask = ds.data.column("loss_mask")
         self.epoch, self.pos = 0, 0
@@ -160,7 +171,7 @@ class MapSource:
         if name not in loaded.column_names:
             raise ValueError(f"source {path!r}: missing column {name!r} (columns: {', '.join(loaded.column_names)})")
         return loaded.map(_normalize_saved, batched=True, with_indices=True, remove_columns=loaded.column_names,
-                          features=_features(), new_fingerprint=f"{loaded._fingerprint}-{name}-{on_bad_record}-norm",
+                          features=_features(), new_fingerprint=_fp(loaded._fingerprint, name, on_bad_record, "norm"),
                           fn_kwargs={"name": path, "text_field": self.spec.text_field,
                                      "messages_field": self.spec.messages_field, "on_bad_record": on_bad_record})
 
