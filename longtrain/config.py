@@ -267,14 +267,17 @@ class EvalConfig:
     """Evaluation after each stage (longtrain.eval); `longtrain eval` takes the same block."""
 
     lengths: list[int] = field(default_factory=list)  # context lengths in tokens
-    tasks: list[str] = field(default_factory=lambda: ["passkey"])  # perplexity | passkey | needle
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])  # perplexity | passkey | needle | needle_mv | needle_mq
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 20  # examples per (length, depth) cell
+    task_options: dict = field(default_factory=dict)  # per task, e.g. {passkey: {digits: 3}}
+    batch_size: int = 8  # sequences per forward pass
+    seed: int = 0  # the same seed gives every evaluated model the same sequences
     untrained_next_rope: bool = True  # also score each stage's end with the next stage's rope, before training it
 
     def __post_init__(self):
         for t in self.tasks:
-            _choice("tasks", t, ("perplexity", "passkey", "needle"))
+            _choice("tasks", t, ("perplexity", "passkey", "needle", "needle_mv", "needle_mq"))
         for d in self.depths:
             if not 0.0 <= d <= 1.0:
                 raise FieldError("depths", d, "depths are fractions in [0, 1]")

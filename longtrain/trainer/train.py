@@ -271,7 +271,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
             if stage.eval is not None:
                 from longtrain.trainer.stage_eval import evaluate_stage
 
-                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger)
+                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger, layout.sharded)
         result.step = step
         return result
     finally:

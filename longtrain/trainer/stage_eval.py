@@ -1,0 +1,99 @@
+"""Evaluation at the end of a stage (the recipe's `eval` block), through longtrain.eval.
+
+After stage i the model is scored as trained; when `eval.untrained_next_rope` is set and a later stage changes
+the rope, it is also scored with that next rope before any training on it — the "just swap the rope" baseline
+that the extension stage must beat. At the end of the run the rows of every stage form one table per task
+(rows: model states, columns: context lengths), printed and written to `<run_dir>/eval/summary.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from longtrain.config import Recipe
+from longtrain.trainer.build import stage_max_positions
+from longtrain.trainer.distributed import DistInfo, barrier
+
+
+def _results_file(recipe: Recipe) -> Path:
+    return Path(recipe.run_dir) / "eval" / "results.jsonl"
+
+
+def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, logger, sharded: bool) -> list[dict]:
+    """Score the model after stage `si` (and with the next stage's rope, untrained); rank 0 evaluates.
+
+    Returns:
+        The results dicts of longtrain.eval.evaluate (empty on other ranks).
+    Raises:
+        NotImplementedError: sharded parameters (evaluate the exported model with `longtrain eval` instead).
+    """
+    from longtrain.eval.evaluate import evaluate
+
+    stage, cfg = recipe.stages[si], recipe.stages[si].eval
+    if sharded:
+        raise NotImplementedError("stage evaluation of a sharded (FSDP2) model; drop the eval block and run "
+                                  "`longtrain eval` on the exported model")
+    out: list[dict] = []
+    if info.is_main:
+        variants = [(stage.name, None)]
+        later = next((s for s in recipe.stages[si + 1:] if s.rope is not None), None)
+        if cfg.untrained_next_rope and later is not None and later.rope != model.args.rope:
+            variants.append((f"{stage.name} + {later.name} rope, untrained", later))
+        for name, nxt in variants:
+            old_rope, old_max = dict(model.args.rope), model.args.max_position_embeddings
+            if nxt is not None:
+                model.set_rope(nxt.rope, stage_max_positions(nxt, old_max))
+            try:
+                res = evaluate(model, tokenizer, cfg.lengths, tasks=cfg.tasks, depths=cfg.depths,
+                               samples=cfg.samples, out_dir=None, name=name, batch_size=cfg.batch_size,
+                               task_options=cfg.task_options, seed=cfg.seed,
+                               model_desc=f"{recipe.name} after stage {stage.name!r}")
+            finally:
+                if nxt is not None:
+                    model.set_rope(old_rope, old_max)
+            res["stage"] = si
+            out.append(res)
+            path = _results_file(recipe)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            logger.write(f"eval after stage {stage.name!r} ({name}): {_brief(res)}")
+        if si == len(recipe.stages) - 1:
+            logger.write(write_summary(recipe))
+    barrier()
+    return out
+
+
+def _brief(res: dict) -> str:
+    parts = []
+    for task, grid in res.get("retrieval", {}).items():
+        parts.append(f"{task} " + ", ".join(f"{L}: {100 * a:.0f}%" for L, a in zip(grid["lengths"], grid["by_length"])))
+    for L, r in res.get("perplexity", {}).items():
+        parts.append(f"ppl@{L} {r.get('perplexity', float('nan')):.2f}")
+    return "; ".join(parts)
+
+
+def write_summary(recipe: Recipe) -> str:
+    """The before/after tables of the whole run (each model state's latest result), written to eval/summary.md
+    with the full report (eval/report.md, plots) beside it.
+
+    Returns:
+        The Markdown text.
+    """
+    from longtrain.eval.report import summary_table, write_report
+
+    rows: dict[str, dict] = {}
+    for line in _results_file(recipe).read_text().splitlines():
+        res = json.loads(line)
+        rows.pop(res["name"], None)  # a resumed run may score a state again: keep the newest, in run order
+        rows[res["name"]] = res
+    results = list(rows.values())
+    tasks = sorted({t for r in results for t in r.get("retrieval", {})})
+    text = [f"# {recipe.name}: evaluation by stage", ""]
+    for task in tasks:
+        text += [summary_table(results, task), ""]
+    out_dir = Path(recipe.run_dir) / "eval"
+    write_report(results, out_dir, title=f"{recipe.name}: evaluation by stage")
+    (out_dir / "summary.md").write_text("\n".join(text))
+    return "\n".join(text)
