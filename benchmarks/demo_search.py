@@ -1,0 +1,207 @@
+"""Search for the CPU demo's settings: a tiny Llama trained on passkey retrieval at a short context, then
+extended to 4x that context with a RoPE method, with passkey accuracy at 1x/2x/4x before and after.
+
+A minimal training loop over `longtrain.Transformer` (the trainer is being written beside this); each trial
+prints its accuracies, wall time and the machine load so that timings taken on a shared CPU can be judged.
+
+    python benchmarks/demo_search.py --trial base          # one named trial, see TRIALS
+    python benchmarks/demo_search.py --trial base steps=300 lr=3e-3
+
+Tasks come from `longtrain.data.synthetic.passkey_sample` with the builtin tokenizer, as in the demo recipe.
+Accuracy is teacher-forced exact match of all answer tokens (argmax at every answer position == greedy decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+from longtrain import ModelArgs, Transformer
+
+
+@dataclass
+class Trial:
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    head_dim: int = 32
+    mlp: int = 384
+    rope_theta: float = 10000.0
+    base_len: int = 256
+    curriculum: str = ""  # e.g. "64:100" = first 100 steps at length 64
+    steps: int = 400
+    batch: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    answer_weight: float = 1.0  # weight of answer tokens relative to filler tokens (0 filler weight if < 0)
+    filler_weight: float = 1.0
+    digits: int = 3
+    filler: str = "repeat"  # repeat | random | text (longtrain.data.synthetic)
+    ext_method: str = "linear"  # linear | abf | none
+    ext_factor: float = 4.0
+    ext_steps: int = 60
+    ext_lr: float = 1e-3
+    ext_batch: int = 8
+    eval_samples: int = 100
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- task
+_TOK = None
+
+
+def tokenizer():
+    global _TOK
+    if _TOK is None:
+        from longtrain.data.tokenizer import load_tokenizer
+
+        _TOK = load_tokenizer("builtin")
+    return _TOK
+
+
+def sample(t: Trial, seq_len: int, depth: float, rng: random.Random) -> tuple[list[int], int, list[int]]:
+    """(ids, answer_start, answer_ids) of one passkey sequence from longtrain.data.synthetic."""
+    from longtrain.data.synthetic import passkey_sample
+
+    s = passkey_sample(tokenizer(), seq_len, depth, rng, digits=t.digits, filler=t.filler)
+    return s.input_ids, s.answer_start, s.answer_ids
+
+
+def make_batch(t: Trial, seq_len: int, bs: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, weights), labels shifted; weights up-weight the answer tokens."""
+    ids, lab, wts = [], [], []
+    for _ in range(bs):
+        x, start, ans = sample(t, seq_len, rng.random(), rng)
+        x = torch.tensor(x)
+        y = torch.cat([x[1:], torch.tensor([-100])])
+        w = torch.full((len(x),), t.filler_weight)
+        w[start - 1:start - 1 + len(ans)] = t.answer_weight
+        ids.append(x), lab.append(y), wts.append(w)
+    return torch.stack(ids), torch.stack(lab), torch.stack(wts)
+
+
+@torch.no_grad()
+def passkey_accuracy(model: Transformer, t: Trial, seq_len: int, n: int, seed: int) -> float:
+    """Teacher-forced exact match of the answer (argmax at every answer position == greedy decoding)."""
+    rng = random.Random(seed)
+    model.eval()
+    correct = 0
+    bs = max(1, 4096 // seq_len)
+    for i in range(0, n, bs):
+        items = [sample(t, seq_len, (i + j) / max(1, n - 1), rng) for j in range(min(bs, n - i))]
+        x = torch.tensor([it[0] for it in items])
+        logits = model(x)
+        for row, (ids, start, ans) in enumerate(items):
+            pred = logits[row, start - 1:start - 1 + len(ans)].argmax(-1).tolist()
+            correct += pred == ans
+    model.train()
+    return correct / n
+
+
+def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: float, rng: random.Random) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warm = min(t.warmup, steps // 5)
+    loss_v = float("nan")
+    for step in range(steps):
+        f = (step + 1) / warm if step < warm else t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        L = seq_len_at(step)
+        x, y, w = make_batch(t, L, max(1, bs * t.base_len // L) if L < t.base_len else bs, rng)
+        logits = model(x)
+        tok = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100)
+        w = w.flatten() * (y.flatten() != -100)
+        loss = (tok * w).sum() / w.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_v = float(loss.detach())
+    return loss_v
+
+
+def run_trial(t: Trial) -> dict:
+    torch.manual_seed(t.seed)
+    rng = random.Random(t.seed)
+    args = ModelArgs(vocab_size=tokenizer().vocab_size, dim=t.dim, n_layers=t.n_layers, n_heads=t.n_heads, n_kv_heads=t.n_heads,
+                     head_dim=t.head_dim, intermediate_size=t.mlp, max_position_embeddings=t.base_len,
+                     rope={"rope_type": "default", "rope_theta": t.rope_theta}, bos_token_id=tokenizer().bos_id, eos_token_id=tokenizer().eos_id)
+    model = Transformer(args)
+    model.init_weights(t.seed)
+    lens = [t.base_len, 2 * t.base_len, 4 * t.base_len]
+    cur = [(int(a), int(b)) for a, b in (c.split(":") for c in t.curriculum.split(",") if c)]
+
+    def len_at(step: int) -> int:
+        done = 0
+        for L, n in cur:
+            done += n
+            if step < done:
+                return L
+        return t.base_len
+
+    t0 = time.time()
+    load0 = os.getloadavg()[0]
+    loss1 = train(model, t, len_at, t.steps, t.batch, t.lr, rng)
+    t1 = time.time()
+    before = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    t2 = time.time()
+    match t.ext_method:
+        case "linear":
+            model.set_rope({"rope_type": "linear", "rope_theta": t.rope_theta, "factor": t.ext_factor}, 4 * t.base_len)
+        case "abf":
+            model.set_rope({"rope_type": "default", "rope_theta": t.rope_theta * t.ext_factor ** 2}, 4 * t.base_len)
+        case "none":
+            pass
+        case _:
+            raise ValueError(t.ext_method)
+    no_train = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    t3 = time.time()
+    loss2 = train(model, replace(t, base_len=4 * t.base_len, warmup=min(t.warmup, 10)), lambda s: 4 * t.base_len,
+                  t.ext_steps, t.ext_batch, t.ext_lr, rng) if t.ext_steps else float("nan")
+    t4 = time.time()
+    after = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    t5 = time.time()
+    res = {"trial": asdict(t), "lens": lens, "loss_base": round(loss1, 4), "loss_ext": round(loss2, 4),
+           "before": before, "ext_no_train": no_train, "after": after,
+           "s_base": round(t1 - t0, 1), "s_eval": round(t2 - t1 + t3 - t2 + t5 - t4, 1), "s_ext": round(t4 - t3, 1),
+           "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    return res
+
+
+TRIALS: dict[str, dict] = {
+    "base": {},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--trial", default="base")
+    p.add_argument("--log", default="benchmarks/demo_search.jsonl")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    t = replace(Trial(), **TRIALS[a.trial])
+    types = {f.name: f.type for f in fields(Trial)}
+    for o in a.overrides:
+        k, v = o.split("=", 1)
+        conv = {"int": int, "float": float, "str": str}[types[k]]
+        t = replace(t, **{k: conv(v)})
+    res = run_trial(t)
+    res["name"] = a.trial + (" " + " ".join(a.overrides) if a.overrides else "")
+    print(json.dumps(res))
+    with open(a.log, "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()

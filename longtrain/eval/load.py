@@ -1,0 +1,77 @@
+"""Load what an eval runs on: a Hugging Face directory or a longtrain checkpoint, with its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from longtrain.data.tokenizer import Tokenizer, load_tokenizer
+from longtrain.model.args import ModelArgs
+from longtrain.model.decoder import Transformer
+
+
+def load_for_eval(path: str | Path, rope: dict | None = None, device: str | torch.device = "cpu",
+                  tokenizer: str | None = None) -> tuple[Transformer, Tokenizer | None, str]:
+    """Load a model for evaluation, in eval mode, fp32 on CPU (the config's dtype elsewhere).
+
+    Args:
+        path: a Hugging Face directory (config.json + safetensors), a longtrain checkpoint (`step-N` folder, a
+            `latest` link, a `checkpoints` folder) or a run directory holding `checkpoints/`.
+        rope: a rope block replacing the model's (e.g. to score a PI extension before training it).
+        device: where to load the model.
+        tokenizer: "builtin", "builtin:N" or a tokenizer directory overriding the one found with the model.
+
+    Returns:
+        (model, tokenizer or None when the directory has none, a one-line description of what was loaded).
+
+    Raises:
+        ValueError: the path does not exist or is neither a Hugging Face directory nor a complete checkpoint.
+        NotImplementedError: a checkpoint with LoRA adapters (export it with `longtrain export` first).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"model path {str(p)!r} does not exist; give a Hugging Face directory (config.json + "
+                         "safetensors) or a longtrain checkpoint / run directory")
+    if (p / "config.json").is_file():
+        from longtrain.model.hf import load_hf
+
+        dtype = torch.float32 if torch.device(device).type == "cpu" else None
+        model = load_hf(p, rope=rope, dtype=dtype, device=device)
+        tok_path = tokenizer or (str(p) if _has_tokenizer(p) else None)
+        tok = load_tokenizer(tok_path) if tok_path else None
+        what = f"Hugging Face directory {p}"
+    else:
+        model, tok_name, what = _load_checkpoint(p, rope, device)
+        tok_name = tokenizer or tok_name
+        tok = load_tokenizer(tok_name) if tok_name else None
+    model.eval()
+    return model, tok, what
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def _load_checkpoint(p: Path, rope: dict | None, device: str | torch.device) -> tuple[Transformer, str | None, str]:
+    from longtrain.trainer.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    try:
+        ckpt = resolve_checkpoint(root)
+    except ValueError as e:
+        raise ValueError(f"model path {str(p)!r} is neither a Hugging Face directory (no config.json) nor a "
+                         f"longtrain checkpoint: {e}") from None
+    meta = read_meta(ckpt)
+    if meta.lora:
+        raise NotImplementedError(f"checkpoint {ckpt} holds LoRA adapters; merge them with `longtrain export "
+                                  f"{ckpt} OUT_DIR` and evaluate OUT_DIR")
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in meta.model_args.items() if k in known})
+    model = Transformer(args)
+    load_model_weights(ckpt, model)
+    if rope is not None:
+        model.set_rope(rope)
+    model.to(device)
+    return model, meta.tokenizer, f"longtrain checkpoint {ckpt} (step {meta.step}, stage {meta.stage})"

@@ -1,0 +1,193 @@
+"""longtrain eval: perplexity parity with transformers through the command, sliding windows, reports, bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longtrain.data.corpus import read_tiny_corpus
+from longtrain.data.tokenizer import load_tokenizer
+from longtrain.eval import command, evaluate, load_for_eval
+from longtrain.eval.perplexity import sliding_windows
+from longtrain.eval.report import summary_table, write_report
+
+# Both sides compute in fp32 with the same weights; they differ only in summation order (~1e-6 relative
+# observed). The issue asks 1e-3; we hold the tighter bound.
+PPL_RTOL = 1e-4
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    command.add_parser(sub)
+    return parser.parse_args(["eval", *argv])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("builtin")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tok):
+    """A tiny random Llama saved by transformers, with the builtin tokenizer beside it."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path)
+    tok.save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Three documents of different lengths (joined tiny-corpus texts), as a jsonl `datasets` reads."""
+    texts = read_tiny_corpus()
+    docs = ["\n".join(texts[0:4]), "\n".join(texts[4:10]), "\n".join(texts[10:13])]
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    return path, docs
+
+
+@torch.no_grad()
+def _hf_perplexity(model: LlamaForCausalLM, docs: list[list[int]], length: int) -> tuple[float, int]:
+    """Direct transformers computation: windows of `length` tokens every `length - 1` tokens (consecutive windows
+    share one token, so each token is predicted once), the last one ending at the document's end and scoring only
+    the tokens not scored yet."""
+    nll, n = 0.0, 0
+    for ids in docs:
+        if len(ids) < length:
+            continue
+        scored_to = 1
+        begins = list(range(0, len(ids) - length + 1, length - 1))
+        if begins[-1] + length < len(ids):
+            begins.append(len(ids) - length)
+        for b in begins:
+            x = torch.tensor([ids[b:b + length]])
+            logits = model(x).logits[0, :-1].float()
+            losses = F.cross_entropy(logits, x[0, 1:], reduction="none")  # losses[j] = position b + j + 1
+            keep = losses[scored_to - b - 1:]
+            nll += float(keep.sum())
+            n += keep.numel()
+            scored_to = b + length
+    return nll, n
+
+
+def test_perplexity_matches_transformers_through_command(hf_dir, data_file, tok, tmp_path, capsys):
+    path, hf_model = hf_dir
+    data, texts = data_file
+    out = tmp_path / "report"
+    rc = command.run(_parse([str(path), "--lengths", "64,128", "--tasks", "perplexity", "--data", str(data),
+                             "--text-field", "body", "--out", str(out), "--batch-size", "3"]))
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    docs = [[tok.bos_id] + tok.encode(t) for t in texts]
+    for L in (64, 128):
+        nll, n = _hf_perplexity(hf_model, docs, L)
+        got = res["perplexity"][str(L)]
+        assert got["tokens"] == n == sum(len(d) - 1 for d in docs if len(d) >= L)
+        assert math.isclose(got["ppl"], math.exp(nll / n), rel_tol=PPL_RTOL), (L, got["ppl"], math.exp(nll / n))
+    assert (out / "perplexity.png").stat().st_size > 1000
+    assert "perplexity" in (out / "report.md").read_text()
+    assert "| 128 |" in capsys.readouterr().out
+
+
+def test_sliding_windows_score_every_token_once():
+    for n, L, s in [(10, 4, 3), (10, 4, 2), (11, 4, 1), (4, 4, 2), (100, 32, 7), (100, 32, 31)]:
+        scored = []
+        for begin, frm in sliding_windows(n, L, s):
+            assert 0 <= begin and begin + L <= n and begin < frm <= begin + L
+            scored += range(frm, begin + L)
+        assert scored == list(range(1, n)), (n, L, s)
+    with pytest.raises(ValueError, match="stride"):
+        sliding_windows(10, 4, 4)
+
+
+def test_stride_gives_more_context_and_buckets(hf_dir, tok):
+    path, _ = hf_dir
+    model, tok2, _ = load_for_eval(path)
+    assert tok2.encode("The pass key is 123.") == tok.encode("The pass key is 123.")
+    text = "\n".join(read_tiny_corpus()[:6])
+    r1 = evaluate(model, tok2, [64], tasks=["perplexity"], data=[text])["perplexity"]["64"]
+    r2 = evaluate(model, tok2, [64], tasks=["perplexity"], data=[text], stride=16)["perplexity"]["64"]
+    assert r1["tokens"] == r2["tokens"]  # the same tokens, each once ...
+    assert r2["windows"] > r1["windows"]  # ... from more, overlapping windows
+    assert r1["bucket_edges"][0] == 1 and r1["bucket_edges"][-1] == 64
+    assert len(r1["bucket_loss"]) == len(r1["bucket_edges"]) - 1
+
+
+def test_passkey_grid_and_comparison_report(hf_dir, tmp_path):
+    path, _ = hf_dir
+    rc = command.run(_parse([str(path), "--lengths", "352,384", "--tasks", "passkey,needle", "--depths", "0,1",
+                             "--samples", "2", "--compare", str(path), "--name", "a", "--compare-name", "b",
+                             "--digits", "3", "--out", str(tmp_path / "cmp")]))
+    assert rc == 0
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert [r["name"] for r in res] == ["a", "b"]
+    # Same seed, same weights: identical grids (the comparison scores both models on identical inputs).
+    assert res[0]["retrieval"] == res[1]["retrieval"]
+    g = res[0]["retrieval"]["passkey"]
+    assert g["lengths"] == [352, 384] and g["depths"] == [0.0, 1.0] and len(g["accuracy"]) == 2
+    assert all(0.0 <= a <= 1.0 for row in g["accuracy"] for a in row)
+    table = summary_table(res, "passkey")
+    assert "change" in table and "+0 pt" in table
+    for png in ("passkey_heatmap.png", "needle_heatmap.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        command.run(_parse([str(tmp_path / "nope"), "--lengths", "64"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a Hugging Face directory"):
+        load_for_eval(tmp_path / "empty")
+
+
+def test_empty_eval_set(hf_dir, tmp_path):
+    path, _ = hf_dir
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no non-empty document|empty"):
+        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(empty)]))
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "A short one."}) + "\n")
+    with pytest.raises(ValueError, match="empty perplexity eval set at length 64: none of 1 documents"):
+        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short)]))
+    with pytest.raises(ValueError, match="no column 'body'"):
+        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short),
+                            "--text-field", "body"]))
+
+
+def test_length_too_long_for_backend(hf_dir):
+    path, _ = hf_dir
+    model, tok, _ = load_for_eval(path)
+    # The reference backend materialises (heads, L, L) fp32 scores: 4 heads at 2**20 tokens need ~48 TiB.
+    with pytest.raises(ValueError, match="cannot run with the 'reference' attention backend"):
+        evaluate(model, tok, [2**20], tasks=["passkey"], samples=1, depths=[0.5])
+
+
+def test_bad_task_and_options(hf_dir):
+    path, _ = hf_dir
+    with pytest.raises(ValueError, match="unknown task 'pasky'; valid: perplexity, passkey"):
+        command.run(_parse([str(path), "--lengths", "64", "--tasks", "pasky"]))
+    with pytest.raises(ValueError, match="--rope is not valid JSON"):
+        command.run(_parse([str(path), "--lengths", "64", "--rope", "{linear"]))
+    model, tok, _ = load_for_eval(path)
+    with pytest.raises(ValueError, match="shorter than the task's fixed text"):
+        evaluate(model, tok, [32], tasks=["passkey"], samples=1)
+    with pytest.raises(ValueError, match="no results"):
+        write_report([], "unused")
