@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from longtrain.kernels.attention import AttentionFn, AttnMask
 from longtrain.parallel.cp_ops import all_gather_meta, all_gather_seq, head_to_seq, seq_to_head
-from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.dims import ParallelDims, submesh
 from longtrain.parallel.ring_attention import ring_attention
 
 CP_MODES = ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather")
@@ -45,7 +45,8 @@ class CPGroups:
     @staticmethod
     def from_mesh(mesh: DeviceMesh) -> "CPGroups":
         """Groups from a mesh built by ParallelDims.build_mesh (dims `cp`, `ring`, `ulysses`)."""
-        return CPGroups(cp=mesh["cp"].get_group(), ring=mesh["ring"].get_group(), ulysses=mesh["ulysses"].get_group())
+        return CPGroups(cp=submesh(mesh, "cp").get_group(), ring=submesh(mesh, "ring").get_group(),
+                        ulysses=submesh(mesh, "ulysses").get_group())
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float, group: ProcessGroup,
@@ -190,7 +191,7 @@ def apply_cp(model: torch.nn.Module, mode: str, mesh: DeviceMesh, local_backend:
         ValueError: unknown mode; n_heads not divisible by the Ulysses degree.
     """
     if mode in ("ulysses", "hybrid", "hybrid_allgather"):
-        degree = mesh["cp"].size() if mode == "ulysses" else mesh["ulysses"].size()
+        degree = submesh(mesh, "cp" if mode == "ulysses" else "ulysses").size()
         n_heads = model.args.n_heads
         if n_heads % degree:
             raise ValueError(f"cp mode {mode!r}: Ulysses degree {degree} must divide n_heads={n_heads}; valid "

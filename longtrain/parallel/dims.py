@@ -84,10 +84,42 @@ class ParallelDims:
         mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.ring, self.ulysses),
                                 mesh_dim_names=("dp_replicate", "dp_shard", "ring", "ulysses"))
         # cp rank = ring_rank * ulysses + ulysses_rank: prepare_cp_inputs relies on this order.
-        mesh["ring", "ulysses"]._flatten("cp")
-        mesh["dp_shard", "ring", "ulysses"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        # torch asks callers to keep the flattened meshes themselves (slicing them from the root is
+        # deprecated): `submesh` finds them here.
+        _FLATTENED[id(mesh)] = (mesh, {
+            "cp": mesh["ring", "ulysses"]._flatten("cp"),
+            "dp_shard_cp": mesh["dp_shard", "ring", "ulysses"]._flatten("dp_shard_cp"),
+            "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+        })
         return mesh
+
+
+# id(root mesh) -> (root mesh, flattened sub-meshes); the root is kept alive with its sub-meshes.
+_FLATTENED: dict[int, tuple[DeviceMesh, dict[str, DeviceMesh]]] = {}
+
+
+def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """The 1-D sub-mesh `name` of a mesh from ParallelDims.build_mesh: a dim or a flattened dim.
+
+    Args:
+        mesh: a root mesh from build_mesh, or a 1-D mesh named `name`.
+        name: dp_replicate, dp_shard, ring, ulysses, cp, dp_shard_cp or dp.
+
+    Returns:
+        The 1-D DeviceMesh.
+
+    Raises:
+        ValueError: `name` is neither a dim of `mesh` nor one flattened by build_mesh.
+    """
+    names = mesh.mesh_dim_names or ()
+    if names == (name,):
+        return mesh
+    if name in names:
+        return mesh[name]
+    if id(mesh) in _FLATTENED and _FLATTENED[id(mesh)][0] is mesh and name in _FLATTENED[id(mesh)][1]:
+        return _FLATTENED[id(mesh)][1][name]
+    raise ValueError(f"mesh {mesh} has no dim {name!r}; build it with ParallelDims.build_mesh "
+                     f"(dims dp_replicate, dp_shard, ring, ulysses; flattened cp, dp_shard_cp, dp)")
 
 
 def padded_seq_len(seq_len: int, cp: int, layout: str) -> int:

@@ -15,6 +15,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                     register_fsdp_forward_method)
 
+from longtrain.parallel.dims import submesh
+
 
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The data-parallel sub-mesh FSDP uses: dp_shard x cp, with dp_replicate outside for HSDP.
@@ -26,11 +28,13 @@ def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
         The mesh to pass to `fully_shard`.
     """
     names = mesh.mesh_dim_names or ()
-    if "dp_shard_cp" not in names:
+    if "dp_replicate" not in names:
         return mesh
     if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard_cp"]  # HSDP: replicate outer, shard inner
-    return mesh["dp_shard_cp"]
+        # HSDP: replicate outer, shard inner (a 2-D slice naming a flattened dim; torch has no other
+        # way to build it from the root mesh yet).
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return submesh(mesh, "dp_shard_cp")
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
@@ -66,6 +70,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = to
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # the loss is already divided by the global token count
+            # Plain SUM collectives: gloo has no PREMUL_SUM, and NCCL's zero-copy paths need SUM.
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 

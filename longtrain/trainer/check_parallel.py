@@ -29,7 +29,7 @@ from longtrain.model.args import ModelArgs, model_flavor
 from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import CP_MODES, apply_cp, cp_ulysses_degree
 from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
-from longtrain.parallel.dims import ParallelDims, validate_seq_len
+from longtrain.parallel.dims import ParallelDims, submesh, validate_seq_len
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,7 +123,8 @@ def _compare(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, s
 def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, layout: str = "zigzag",
                    ulysses: int = 1, dp_shard: int = -1, dp_replicate: int = 1, sharding: str = "fsdp",
                    attention_backend: str = "reference", dtype: torch.dtype = torch.float32, n_batches: int = 2,
-                   bs: int = 1, seed: int = 0, zero_stage: int = 3) -> ParallelReport:
+                   bs: int = 1, seed: int = 0, zero_stage: int = 3,
+                   batches: list[Batch] | None = None) -> ParallelReport:
     """Compare one optimizer step's loss and gradients of a parallel layout with cp=1 on the same data.
 
     Must run inside an initialised default process group (all ranks call it).
@@ -140,6 +141,8 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         n_batches: micro-batches per data-parallel rank.
         bs: rows per micro-batch; seed: model init and data seed.
         zero_stage: DeepSpeed ZeRO stage (sharding="deepspeed").
+        batches: the global micro-batches to use instead of make_packed_batches' (a multiple of the dp
+            degree; dp rank d takes batches d, d + dp, ...).
 
     Returns:
         A ParallelReport (identical on all ranks).
@@ -167,7 +170,10 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     window = model_args.sliding_window
 
     # The global data: dp ranks x micro-batches; every rank sees all of it for the reference.
-    batches = make_packed_batches(dims.dp * n_batches, bs, seq_len, model_args.vocab_size, seed)
+    if batches is None:
+        batches = make_packed_batches(dims.dp * n_batches, bs, seq_len, model_args.vocab_size, seed)
+    elif len(batches) % dims.dp:
+        raise ValueError(f"{len(batches)} batches cannot be split evenly over dp={dims.dp} ranks")
     batches = [b.to(device) for b in batches]
     n_valid = sum(b.num_valid_tokens for b in batches)
     denom = max(n_valid, 1)  # zero valid tokens: the loss is 0, not 0/0
@@ -181,7 +187,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
 
     # The layout: CP attention, then sharding (the order of parallel.apply).
     apply_cp(model, mode, mesh, backend)
-    dp_rank, cp_rank = mesh["dp"].get_local_rank(), mesh["cp"].get_local_rank()
+    dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
     engine = None
     match sharding:
         case "fsdp":
@@ -199,7 +205,8 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
         if engine is not None:
             loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
-            engine.backward(loss)
+            from longtrain.parallel.deepspeed import ds_backward
+            ds_backward(engine, loss)
         else:
             loss = _loss_sum(model, local, window) / denom
             loss.backward()
