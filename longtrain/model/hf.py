@@ -74,13 +74,6 @@ def hf_key(name: str) -> str:
     return name if name == "lm_head.weight" else f"model.{name}"
 
 
-def expected_hf_tensors(args: ModelArgs) -> dict[str, tuple[str, torch.Size]]:
-    """{hf key: (our name, shape)} of every tensor a checkpoint for `args` holds (built on meta, no memory)."""
-    with torch.device("meta"):
-        model = Transformer(replace(args, rope={"rope_type": "default", "rope_theta": 10000.0}))
-    return {hf_key(name): (name, p.shape) for name, p in model.named_parameters()}
-
-
 # ----------------------------------------------------------------------------------------------------
 # config.json -> ModelArgs
 
@@ -175,16 +168,19 @@ def args_from_hf_config(cfg: dict, where: str = "config.json", rope: dict | None
             raise AssertionError(arch)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     rope_block, rope_where = (_read_rope(cfg, where), f"{where}:rope") if rope is None else (rope, "load_hf(rope=)")
-    return ModelArgs(
-        architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=n_layers,
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-        intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=cfg["max_position_embeddings"],
-        rope=validate_rope(rope_block, rope_where, head_dim=head_dim),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        initializer_range=float(cfg.get("initializer_range", 0.02)), bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"), hf_extra={k: v for k, v in cfg.items() if k not in _INTERPRETED},
-        **flags)
+    rope_block = validate_rope(rope_block, rope_where, head_dim=head_dim)
+    try:
+        return ModelArgs(
+            architecture=arch, vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads, head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=cfg["max_position_embeddings"], rope=rope_block,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            initializer_range=float(cfg.get("initializer_range", 0.02)), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"), hf_extra={k: v for k, v in cfg.items() if k not in _INTERPRETED},
+            **flags)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _config_dtype(cfg: dict, where: str) -> torch.dtype:
@@ -254,12 +250,18 @@ def load_hf(path: str | os.PathLike, rope: dict | None = None, dtype: torch.dtyp
         cfg = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(cfg).__name__}")
     args = args_from_hf_config(cfg, str(config_file), rope)
     args.source_dir = str(path.resolve())
     dtype = dtype or _config_dtype(cfg, str(config_file))
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"load_hf: dtype {dtype} is not supported; supported: {', '.join(_DTYPES)}")
     files = _weight_files(path)
 
-    expected = expected_hf_tensors(args)
+    with torch.device("meta"):  # shapes without memory; the checkpoint's tensors are assigned below
+        model = Transformer(args)
+    expected = {hf_key(name): (name, p.shape) for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     tied_head: tuple[Path, torch.Tensor] | None = None
     for file in files:
@@ -275,6 +277,8 @@ def load_hf(path: str | os.PathLike, rope: dict | None = None, dtype: torch.dtyp
                     raise ValueError(f"{file}: unexpected tensor {key!r} for {args.architecture} with this "
                                      f"config.json (expected keys look like {hint})")
                 name, shape = expected[key]
+                if name in state:
+                    raise ValueError(f"{file}: tensor {key!r} appears in more than one weight file")
                 got = torch.Size(sf.get_slice(key).get_shape())
                 if got != shape:
                     raise ValueError(f"{file}: tensor {key!r} has shape {tuple(got)}, config.json implies "
@@ -288,8 +292,6 @@ def load_hf(path: str | os.PathLike, rope: dict | None = None, dtype: torch.dtyp
         raise ValueError(f"{tied_head[0]}: config.json says tie_word_embeddings=true but 'lm_head.weight' differs "
                          "from 'model.embed_tokens.weight'; set tie_word_embeddings=false to keep the head")
 
-    with torch.device("meta"):
-        model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.to_empty(device=device)  # meta -> device; its _apply restores fp32 inv_freq from the fp64 master
     return model
@@ -309,44 +311,22 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     rope, max_pos = export_rope(args.rope, args.max_position_embeddings, head_dim=args.head_dim)
     legacy = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     dtype_name = next(name for name, dt in _DTYPES.items() if dt == dtype)
-
-    def unsupported(what: str) -> NotImplementedError:
-        return NotImplementedError(f"save_hf: {arch} in transformers has no {what}; this model cannot be exported")
-
-    attn_bias = args.qkv_bias
-    match arch:
+    match arch:  # the keys that set the flags args_from_hf_config reads back (checked below)
         case "LlamaForCausalLM":
-            if args.qkv_bias != args.o_bias:
-                raise unsupported(f"separate q/k/v and o biases (qkv_bias={args.qkv_bias}, o_bias={args.o_bias})")
-            arch_keys = dict(attention_bias=attn_bias, mlp_bias=args.mlp_bias, head_dim=args.head_dim)
+            arch_keys = dict(attention_bias=args.qkv_bias, mlp_bias=args.mlp_bias, head_dim=args.head_dim)
         case "MistralForCausalLM":
-            if args.qkv_bias or args.o_bias or args.mlp_bias:
-                raise unsupported("biases")
-            if args.layer_types is not None and len(set(args.layer_windows())) > 1:
-                raise unsupported("per-layer sliding windows (layer_types)")
             arch_keys = dict(head_dim=args.head_dim, sliding_window=args.sliding_window)
         case "Qwen2ForCausalLM" | "Qwen3ForCausalLM":
-            qwen2 = arch == "Qwen2ForCausalLM"
-            if args.mlp_bias or (qwen2 and (not args.qkv_bias or args.o_bias)) or (
-                    not qwen2 and args.qkv_bias != args.o_bias):
-                raise unsupported(f"this bias layout (qkv_bias={args.qkv_bias}, o_bias={args.o_bias}, "
-                                  f"mlp_bias={args.mlp_bias})")
-            windows = args.layer_windows()
             arch_keys = dict(use_sliding_window=args.sliding_window is not None, sliding_window=args.sliding_window,
-                             layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows])
-            arch_keys.setdefault("max_window_layers", args.hf_extra.get("max_window_layers", args.n_layers))
-            if not qwen2 or args.head_dim != args.dim // args.n_heads:
+                             layer_types=["full_attention" if w is None else "sliding_attention"
+                                          for w in args.layer_windows()],
+                             max_window_layers=args.hf_extra.get("max_window_layers", args.n_layers))
+            if arch == "Qwen3ForCausalLM" or args.head_dim != args.dim // args.n_heads:
                 arch_keys["head_dim"] = args.head_dim
-            if not qwen2:
-                arch_keys["attention_bias"] = attn_bias
+            if arch == "Qwen3ForCausalLM":
+                arch_keys["attention_bias"] = args.qkv_bias
         case _:
             raise AssertionError(arch)
-    if arch != "Qwen3ForCausalLM" and args.qk_norm:
-        raise unsupported("q/k norm (qk_norm=True)")
-    if arch == "Qwen3ForCausalLM" and not args.qk_norm:
-        raise unsupported("attention without q/k norm (qk_norm=False)")
-    if arch in ("LlamaForCausalLM",) and args.sliding_window is not None:
-        raise unsupported(f"sliding window ({args.sliding_window})")
     cfg = {
         **args.hf_extra,
         "architectures": [arch], "model_type": MODEL_TYPES[arch],
@@ -373,6 +353,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         if "attention_factor" not in rope and rope["factor"] != max_pos / orig:
             rope["attention_factor"] = compute_inv_freq(rope, args.head_dim, max_pos)[1]
             cfg["rope_scaling"]["attention_factor"] = rope["attention_factor"]
+    # What transformers' class for `arch` cannot express (a Llama with q/k norm, a Qwen2 without q/k/v
+    # bias, ...) would be dropped silently by every reader: read the config back and compare.
+    back = args_from_hf_config(cfg, "save_hf")
+    lost = [f"{f}={getattr(args, f)}" for f in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "head_dim")
+            if getattr(back, f) != getattr(args, f)]
+    if back.layer_windows() != args.layer_windows():
+        lost.append(f"sliding_window={args.sliding_window}, layer_types={args.layer_types}")
+    if lost:
+        raise NotImplementedError(f"save_hf: {arch} in transformers cannot express {', '.join(lost)}")
     return cfg
 
 

@@ -15,6 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from test_model_parity import ARCH_CASES, ATOL, ORIG_LEN, ROPE_CASES, build_hf, input_ids
 
 from longtrain import load_hf, save_hf
+from longtrain.model.args import model_flavor
+from longtrain.model.decoder import Transformer
 from longtrain.model.rope import context_length, export_rope, validate_rope
 
 # Keys transformers adds or renames on its own; the rest of a round-tripped config must be identical.
@@ -308,3 +310,17 @@ def test_error_unsupported_activation(src: Path):
     write_config(src, hidden_act="gelu")
     with pytest.raises(NotImplementedError, match=r"hidden_act='gelu'"):
         load_hf(src)
+
+
+@pytest.mark.parametrize("arch, flags, lost", [
+    ("LlamaForCausalLM", {"qk_norm": True}, "qk_norm=True"),
+    ("Qwen2ForCausalLM", {"qkv_bias": False}, "qkv_bias=False"),
+    ("MistralForCausalLM", {"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]},
+     "sliding_window=8, layer_types"),
+])
+def test_error_export_cannot_express(tmp_path: Path, arch: str, flags: dict, lost: str):
+    """A model whose features its architecture's transformers class lacks is refused, nothing written."""
+    model = Transformer(model_flavor("debug", architecture=arch, **flags))
+    with pytest.raises(NotImplementedError, match=rf"save_hf: {arch} in transformers cannot express {lost}"):
+        save_hf(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
