@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from longtrain.data.sources import SourceSpec
 from longtrain.model.args import MODEL_FLAVORS, ModelArgs
 
 
@@ -106,23 +107,8 @@ class ModelConfig:
 
 
 @dataclass
-class SourceConfig:
-    """One data source of a mixture; fields map onto longtrain.data.SourceSpec (see trainer/data.py)."""
-
-    path: str  # a file (jsonl, parquet, txt), a saved `datasets` dir, or "synthetic:<task>" (e.g. synthetic:passkey)
-    text_field: str = "text"
-    weight: float = 1.0  # sampling weight in the mixture (normalised over sources)
-    min_tokens: int | None = None  # drop documents shorter than this
-    max_tokens: int | None = None  # drop documents longer than this
-    options: dict = field(default_factory=dict)  # task options of synthetic sources, passed through
-
-    def __post_init__(self):
-        _positive("weight", self.weight)
-
-
-@dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: list[SourceSpec] = field(default_factory=list)  # longtrain.data.SourceSpec: path, text_field, weight, ...
     packing: str = "continuous"  # continuous | reset | anchor (positions across documents; see data/)
     on_bad_record: str = "error"  # error | skip (skipped records are counted in the logs)
     seed: int = 1234
@@ -399,6 +385,8 @@ def _build(tp: Any, value: Any, path: str, file: str) -> Any:
         except FieldError as e:
             key = f"{path}.{e.key}" if path else e.key
             raise RecipeError(f"{file}: `{key}` = {e.value!r} is invalid: {e.allowed}.") from None
+        except (ValueError, NotImplementedError) as e:  # checks of classes from other modules (SourceSpec)
+            raise RecipeError(f"{file}: `{path}` is invalid: {e}.") from None
     if origin is list:
         if not isinstance(value, list):
             raise fail(f"expected a list of {_type_name(args[0])}")

@@ -16,6 +16,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     preempt = _Preemption()
     preempt.install()
     applied_memory = None
+    source: BatchSource | None = None
     try:
         for si in range(start_stage, len(recipe.stages)):
             stage = recipe.stages[si]
@@ -227,7 +229,9 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 stats = train_step(model, optimizer, batches, info, layout, stage,
                                    inject_nan=step + 1 in stage.train.debug_nan_steps)
                 lr = scheduler.get_last_lr()[0]
-                scheduler.step()  # the schedule follows the step count, skipped steps included
+                with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    scheduler.step()  # the schedule follows the step count, skipped steps included
                 step, stage_step = step + 1, stage_step + 1
                 dt = time.perf_counter() - t0
                 if stats.skipped:
@@ -268,6 +272,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                     logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
                     result.step = step
                     return result
+            source.close()
             if stage.eval is not None:
                 from longtrain.trainer.stage_eval import evaluate_stage
 
@@ -275,6 +280,8 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
         result.step = step
         return result
     finally:
+        if source is not None:
+            source.close()  # stop the prefetch thread (also when a TrainingError ends the run)
         preempt.uninstall()
         logger.close()
 
