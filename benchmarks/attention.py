@@ -143,6 +143,46 @@ def time_backends(device: str, dtype: torch.dtype, lengths: list[int], h: int, h
     return rows
 
 
+def kernels(device: str, tokens: int, dim: int, inter: int, h: int, h_kv: int, d: int, iters: int) -> list[dict]:
+    """Fused Triton RMSNorm / RoPE / SwiGLU vs eager and torch.compile'd references: bf16 error against
+    the fp32 reference, and fwd+bwd time at the model's shapes."""
+    from longtrain.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+    from longtrain.kernels.rope_apply import rope_apply, rope_apply_reference
+    from longtrain.kernels.swiglu import swiglu, swiglu_reference
+    from longtrain.model.rope import RotaryEmbedding
+
+    bf = torch.bfloat16
+    x = torch.randn(1, tokens, dim, device=device, dtype=bf)
+    w = 1 + 0.1 * torch.randn(dim, device=device, dtype=bf)
+    g, u = (torch.randn(1, tokens, inter, device=device, dtype=bf) for _ in range(2))
+    q = torch.randn(1, tokens, h + h_kv, d, device=device, dtype=bf)
+    pos = torch.arange(tokens, device=device)[None]
+    cos, sin = RotaryEmbedding({"rope_type": "default", "rope_theta": 500000.0}, d, tokens).to(device)(pos)
+    cases = {
+        "rmsnorm": (lambda a, b: rmsnorm(a, b, 1e-5), lambda a, b: rmsnorm_reference(a, b, 1e-5), (x, w)),
+        "swiglu": (swiglu, swiglu_reference, (g, u)),
+        "rope": (lambda a: rope_apply(a, cos, sin), lambda a: rope_apply_reference(a, cos, sin), (q,)),
+    }
+    rows = []
+    for name, (fused, ref, inputs) in cases.items():
+        compiled = torch.compile(ref)
+        row = {"kernel": name}
+        grads = {}
+        for label, fn, dtype in (("fp32", ref, torch.float32), ("eager", ref, bf), ("compiled", compiled, bf),
+                                 ("fused", fused, bf)):
+            ins = [t.to(dtype).detach().requires_grad_() for t in inputs]
+            out = fn(*ins)
+            dy = torch.ones_like(out) + 0.01 * torch.arange(out.shape[-1], device=device, dtype=out.dtype)
+            grads[label] = [out] + list(torch.autograd.grad(out, ins, dy))
+            if label != "fp32":
+                def step(fn=fn, ins=ins, dy=dy):
+                    torch.autograd.grad(fn(*ins), ins, dy)
+                row[f"{label}_ms"] = _time(step, torch.device(device), iters, 3) * 1e3
+                row[f"{label}_err"] = max(_rel(a, b) for a, b in zip(grads[label], grads["fp32"]))
+        rows.append(row)
+    return rows
+
+
 def probe_cudnn_gqa(device: str) -> str:
     """Does aten's cuDNN attention take fewer K/V heads than Q heads (GQA) natively, fwd and bwd?"""
     from longtrain.kernels import attention_sdpa
@@ -178,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-len", type=int, default=2048)
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kernels", action="store_true", help="fused RMSNorm/RoPE/SwiGLU vs eager and compiled")
     p.add_argument("--json", type=Path, default=None, help="write all rows here")
     a = p.parse_args(argv)
     if a.smoke:
@@ -206,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             ms = f"{r['ms']:9.2f}" if "ms" in r else f"{'-':>9}"
             tf = f"{r['tflops']:8.1f}" if "tflops" in r else f"{'-':>8}"
             print(f"{r['backend']:<11} {r['seq']:>7} {r['layout']:<7} {ms} {tf}  {r.get('skip', '')}")
+    if a.kernels:
+        result["kernels"] = kernels(device, 32768, 2048, 8192, a.heads, a.kv_heads, a.head_dim, a.iters)
+        print(f"{'kernel':<8} {'eager ms':>9} {'compiled':>9} {'fused ms':>9}  {'err eager':>9} {'compiled':>9} {'fused':>9}")
+        for r in result["kernels"]:
+            print(f"{r['kernel']:<8} {r['eager_ms']:9.3f} {r['compiled_ms']:9.3f} {r['fused_ms']:9.3f}  "
+                  f"{r['eager_err']:9.1e} {r['compiled_err']:9.1e} {r['fused_err']:9.1e}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     failed = [r for r in result.get("check", []) if r["ok"] is False]
