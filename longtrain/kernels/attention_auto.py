@@ -11,7 +11,8 @@ cached on the mask, so it is made once per forward pass. Measured on an H100 SXM
 | cuda   | bf16 / fp16    | not %8 or > 256   | any                    | flex        |
 | cuda   | bf16 / fp16    | %8, <= 256        | causal / full / empty  | DENSE_CHOICE|
 | cuda   | bf16 / fp16    | %8, <= 256        | + sliding window       | sdpa_flash  |
-| cuda   | bf16 / fp16    | %8, <= 256        | varlen (packed docs)   | sdpa_flash  |
+| cuda   | bf16 / fp16    | %8, <= 256        | varlen, mean doc < 8K  | sdpa_flash  |
+| cuda   | bf16 / fp16    | %8, <= 256        | varlen, mean doc >= 8K | sdpa_cudnn  |
 | cuda   | bf16 / fp16    | %8, <= 256        | general (CP docs, ...) | flex        |
 
 On CPU `reference` is chosen over `flex`: eager flex materialises the same score matrix and has no
@@ -26,8 +27,12 @@ from torch import Tensor
 from longtrain.kernels.attention import AttnMask, get_attention_backend
 from longtrain.kernels.attention_layout import classify
 
-# Which of the two torch fused kernels is faster for dense causal bf16 on the GPU measured (see table).
+# Which of the two torch fused kernels is faster for dense causal bf16 on the GPU measured (see table):
+# H100, 2026-11-26, fwd+bwd useful TFLOP/s: cuDNN 326 / 360 / 360 vs flash 213 / 251 / 248 at 8K / 32K / 128K.
 DENSE_CHOICE = "sdpa_cudnn"
+# Packed documents: flash varlen (one launch) vs cuDNN per document. Same run, 8 equal documents:
+# 8K (1K docs) flash 117 vs cuDNN 33; 32K (4K docs) 212 vs 183; 128K (16K docs) 233 vs 308.
+PER_DOC_CUDNN_FROM = 8192  # mean document length at which per-document cuDNN overtakes flash varlen
 
 
 def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
@@ -42,7 +47,9 @@ def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
         case "causal" | "full" | "empty":
             return "sdpa_flash" if mask.window is not None else DENSE_CHOICE
         case "varlen":
-            return "sdpa_flash"
+            n_docs = layout.cu_seqlens.numel() - 1
+            long_docs = q.shape[0] * q.shape[1] / n_docs >= PER_DOC_CUDNN_FROM
+            return "sdpa_cudnn" if long_docs and mask.window is None else "sdpa_flash"
         case _:
             return "flex"
 
