@@ -19,7 +19,8 @@ import numpy as np
 from longtrain.data.pack import Document
 from longtrain.data.sources import (BadRecordError, SourceSpec, SourceStats, file_signature, iter_records,
                                     resolve_files, to_document, tokenize_record, _check_value, _PIPELINE_VERSION)
-from longtrain.data.synthetic import needle_sample, passkey_sample, shuffled_chunks_sample
+from longtrain.data.synthetic import (common_words_sample, needle_sample, passkey_sample, shuffled_chunks_sample,
+                                     variable_tracking_sample)
 from longtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("longtrain.data")
@@ -30,6 +31,9 @@ SYNTHETIC_OPTIONS: dict[str, dict[str, Any]] = {
     "needle": {"length": None, "loss_on": "all", "depth": None, "n_keys": 4, "n_values": 1, "n_queries": 1,
                "filler": "text"},
     "shuffled_chunks": {"length": None, "loss_on": "all", "n_chunks": 8, "task": "restore"},
+    "variable_tracking": {"length": None, "loss_on": "all", "depth": None, "n_chains": 1, "n_hops": 4,
+                          "filler": "repeat"},
+    "common_words": {"length": None, "loss_on": "all", "n_common": 10, "common_freq": 30, "rare_freq": 3},
 }
 
 
@@ -330,6 +334,12 @@ class SyntheticSource:
                 s = needle_sample(self.tok, self.length, rng.random() if depth is None else depth, rng, **opts)
             case "shuffled_chunks":
                 s = shuffled_chunks_sample(self.tok, self.length, rng, **opts)
+            case "variable_tracking":
+                depth = opts.pop("depth")
+                s = variable_tracking_sample(self.tok, self.length, rng.random() if depth is None else depth, rng,
+                                             **opts)
+            case "common_words":
+                s = common_words_sample(self.tok, self.length, rng, **opts)
             case _:
                 raise AssertionError(self.task)
         mask = None

@@ -34,7 +34,6 @@ from longtrain.data.tokenizer import Tokenizer
 log = logging.getLogger("longtrain.data")
 
 ON_BAD_RECORD = ("error", "skip")
-SYNTHETIC_TASKS = ("passkey", "needle", "shuffled_chunks")
 _TEXT_EXT = (".txt", ".md", ".text", ".py", ".rst")
 _JSONL_EXT = (".jsonl", ".json")
 _PARQUET_EXT = (".parquet",)

@@ -191,3 +191,19 @@ def test_stdlib_documents_are_real_text():
     docs = list(stdlib_documents(min_chars=20_000, max_docs=3))
     assert len(docs) == 3 and all(len(t) >= 20_000 and name.endswith(".py") for name, t in docs)
     assert docs == list(stdlib_documents(min_chars=20_000, max_docs=3))  # deterministic order
+
+
+@pytest.mark.parametrize("task,options", [
+    ("passkey", {"depth": 0.5, "loss_on": "answer"}), ("needle", {"n_keys": 2}), ("shuffled_chunks", {"n_chunks": 4}),
+    ("variable_tracking", {"n_hops": 2}), ("common_words", {"n_common": 3, "common_freq": 4, "rare_freq": 2})])
+def test_synthetic_sources(tok, task, options):
+    loader = build_loader([SourceSpec(f"synthetic:{task}", options=options)], tok, 512, 2, seed=9, prefetch=0,
+                          packing="reset")
+    b = next(loader)
+    assert b.input_ids.shape == (2, 512) and not torch.equal(b.input_ids[0], b.input_ids[1])
+    assert (b.doc_ids == 0).all() and b.input_ids[0, 0] == tok.bos_id  # one whole task per sequence
+    valid = (b.labels != IGNORE_INDEX).sum(1)
+    if options.get("loss_on") == "answer":  # only the 5 passkey digits and the space before them
+        assert valid.tolist() == [len(tok.encode(" 12345"))] * 2
+    else:
+        assert (valid == 511).all()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from longtrain.data.batch import IGNORE_INDEX
-from longtrain.data.synthetic import (needle_sample, passkey_sample, retrieval_batch, shuffled_chunks_sample)
+from longtrain.data.synthetic import (common_words_sample, needle_sample, passkey_sample, retrieval_batch,
+                                     shuffled_chunks_sample, variable_tracking_sample)
 from longtrain.data.tokenizer import load_tokenizer
 
 
@@ -124,3 +125,30 @@ def test_bad_inputs(tok):
         passkey_sample(tok, 200, 1.5, random.Random(0))
     with pytest.raises(ValueError, match="unknown filler 'lorem'.*repeat"):
         passkey_sample(tok, 200, 0.5, random.Random(0), filler="lorem")
+
+
+@pytest.mark.parametrize("seq_len", [400, 1001])
+def test_variable_tracking(tok, seq_len):
+    s = variable_tracking_sample(tok, seq_len, 0.1, random.Random(seq_len), n_chains=2, n_hops=3)
+    assert len(s.input_ids) == seq_len and s.input_ids[s.answer_start:] == s.answer_ids
+    (names, value), (other_names, other_value) = s.meta["chains"]
+    prompt = tok.decode(s.input_ids[:s.answer_start])
+    assert tok.decode(s.answer_ids) == " " + " ".join(names) and value != other_value
+    # each hop copies a variable assigned before it
+    at = [prompt.index(f"VAR {names[0]} = {value}.")] + [prompt.index(f"VAR {b} = VAR {a}.")
+                                                         for a, b in zip(names, names[1:])]
+    assert at == sorted(at) and all(n not in names for n in other_names)
+
+
+@pytest.mark.parametrize("seq_len", [700, 2000])
+def test_common_words(tok, seq_len):
+    s = common_words_sample(tok, seq_len, random.Random(4), n_common=4, common_freq=8, rare_freq=3)
+    assert len(s.input_ids) == seq_len and s.input_ids[s.answer_start:] == s.answer_ids
+    words, common = s.meta["words"], s.meta["common"]
+    counts = {w: words.count(w) for w in words}
+    assert all(counts[w] == 8 for w in common) and all(c == 3 for w, c in counts.items() if w not in common)
+    assert s.meta["n_rare"] > 0 and tok.decode(s.answer_ids) == " " + ", ".join(common)
+    listed = tok.decode(s.input_ids[:s.answer_start])
+    assert f" {len(words)}. {words[-1]} Question:" in listed  # the whole list is there, numbered
+    with pytest.raises(ValueError, match="too short for 4 words x 30"):
+        common_words_sample(tok, 300, random.Random(4), n_common=4, common_freq=30)
