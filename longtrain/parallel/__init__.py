@@ -1,0 +1,111 @@
+"""Parallelism applied to a plain model from outside: `apply` lists, in order, everything done to it.
+
+Pieces: dims.py (ParallelDims, DeviceMesh), cp_shard.py (prepare_cp_inputs), context_parallel.py (CP
+attention: ring, allgather, ulysses, hybrid), fsdp.py (FSDP2, state dicts), deepspeed.py (ZeRO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from longtrain.parallel.dims import ParallelDims
+
+SHARDING_BACKENDS = ("fsdp2", "deepspeed", "none")
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (per-block compilation as torchtitan: names stay unchanged)."""
+    for block in model.layers:
+        block.compile()
+
+
+def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_mode: str = "allgather",
+          attention_backend: str = "reference", param_dtype: torch.dtype = torch.float32,
+          reduce_dtype: torch.dtype = torch.float32, ac_mode: str = "none", offload_activations: bool = False,
+          tiled_mlp: int | None | bool = False, compile: bool = False, backend: str = "fsdp2",
+          zero_stage: int = 3, cpu_offload: bool = False,
+          optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
+    """Apply context parallelism, memory tricks, compilation and sharding to `model`, in that order.
+
+    Args:
+        model: a longtrain Transformer (weights initialised, on its device).
+        dims: the validated degrees.
+        mesh: `dims.build_mesh(device_type)`; None only when the world size is 1.
+        cp_mode: ring | allgather | ulysses | hybrid | hybrid_allgather (used when dims.cp > 1).
+        attention_backend: per-rank attention backend name (kernels.attention.get_attention_backend).
+        param_dtype, reduce_dtype: FSDP2 compute and gradient-reduction dtypes (DeepSpeed: param_dtype).
+        ac_mode: activation checkpointing: none | selective | full; offload_activations: offload them.
+        tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling.
+        compile: torch.compile each block.
+        backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
+        zero_stage: DeepSpeed ZeRO stage (0-3); cpu_offload: FSDP2 CPU offload / ZeRO-Offload.
+        optimizer_factory: DeepSpeed only: builds the optimizer from the parameters (the engine owns it).
+
+    Returns:
+        The model (FSDP2 or none), or the DeepSpeed engine wrapping it (backend deepspeed).
+
+    Raises:
+        ValueError: unknown backend or cp mode, a mesh missing for world > 1, backend none with
+            several processes.
+    """
+    from longtrain.kernels.attention import get_attention_backend
+
+    local = get_attention_backend(attention_backend)
+    if dims.world_size > 1 and mesh is None:
+        raise ValueError(f"world size {dims.world_size} needs a mesh: pass dims.build_mesh(device_type)")
+
+    # 1. Attention: context-parallel (exchanges K/V across cp ranks) or the plain local backend.
+    #    First, so that activation checkpointing and compile wrap the final attention.
+    if dims.cp > 1:
+        from longtrain.parallel.context_parallel import apply_cp, cp_ulysses_degree
+
+        cp_ulysses_degree(cp_mode, dims)  # validates mode vs ulysses degree
+        apply_cp(model, cp_mode, mesh, local)
+    else:
+        model.set_attention(local)
+
+    # 2. Tiled MLP: replaces each block's MLP forward; before AC so checkpointing wraps the tiled block.
+    if tiled_mlp is not False and tiled_mlp is not None:
+        from longtrain.kernels.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(model, None if tiled_mlp is True else int(tiled_mlp))
+
+    # 3. Activation checkpointing (and offload): wraps the block forward, after it is final.
+    if ac_mode != "none" or offload_activations:
+        from longtrain.parallel.activation_checkpoint import apply_ac
+
+        apply_ac(model, ac_mode, offload=offload_activations)
+
+    # 4. Compile per block: after AC (compile traces through the checkpoint), before sharding
+    #    (FSDP2's hooks stay outside the compiled region, as in torchtitan).
+    if compile:
+        apply_compile(model)
+
+    # 5. Sharding last: it needs the final module structure.
+    match backend:
+        case "fsdp2":
+            if dims.world_size == 1:
+                return model
+            from longtrain.parallel.fsdp import apply_fsdp
+
+            return apply_fsdp(model, mesh, param_dtype, reduce_dtype, cpu_offload=cpu_offload)
+        case "deepspeed":
+            from longtrain.parallel.deepspeed import deepspeed_wrap
+
+            return deepspeed_wrap(model, mesh, zero_stage=zero_stage, dtype=param_dtype,
+                                  optimizer_factory=optimizer_factory, offload_optimizer=cpu_offload,
+                                  offload_params=cpu_offload and zero_stage == 3)
+        case "none":
+            if dims.world_size > 1:
+                raise ValueError(f"backend 'none' cannot sum gradients over {dims.world_size} processes; "
+                                 f"use fsdp2 or deepspeed")
+            return model
+        case _:
+            raise ValueError(f"unknown sharding backend {backend!r}; valid: {', '.join(SHARDING_BACKENDS)}")
+
+
+__all__ = ["ParallelDims", "apply", "apply_compile", "SHARDING_BACKENDS"]

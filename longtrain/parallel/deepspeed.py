@@ -19,6 +19,7 @@ oneCCL is not installed; DeepSpeed's CPU Adam needs a C++ toolchain, so tests us
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -58,8 +59,8 @@ def deepspeed_config(zero_stage: int, dtype: torch.dtype, *, offload_optimizer: 
     Raises:
         ValueError: zero_stage not in 1, 2, 3; parameter offload without stage 3; unsupported dtype.
     """
-    if zero_stage not in (1, 2, 3):
-        raise ValueError(f"zero_stage={zero_stage}; valid: 1, 2, 3")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage}; valid: 0 (no ZeRO, data parallel), 1, 2, 3")
     if offload_params and zero_stage != 3:
         raise ValueError(f"parameter offload needs ZeRO stage 3, got zero_stage={zero_stage}")
     zero: dict = {"stage": zero_stage}
@@ -82,18 +83,20 @@ def deepspeed_config(zero_stage: int, dtype: torch.dtype, *, offload_optimizer: 
     return config
 
 
-def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh, *, zero_stage: int = 3, dtype: torch.dtype = torch.float32,
-                   optimizer: torch.optim.Optimizer | None = None, offload_optimizer: bool = False,
-                   offload_params: bool = False):
+def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int = 3,
+                   dtype: torch.dtype = torch.float32,
+                   optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                   offload_optimizer: bool = False, offload_params: bool = False):
     """Wrap a longtrain Transformer (CP attention already installed) in a DeepSpeed engine.
 
     Args:
         model: the model.
-        mesh: the ParallelDims mesh; DeepSpeed's data-parallel group is every rank, so only
-            dp_replicate == 1 is supported (ZeRO shards over dp_shard x cp like FSDP).
-        zero_stage: 1, 2 or 3.
+        mesh: the ParallelDims mesh (None in one process); DeepSpeed's data-parallel group is every
+            rank, so only dp_replicate == 1 is supported (ZeRO shards over dp_shard x cp like FSDP).
+        zero_stage: 0 (plain data parallel), 1, 2 or 3.
         dtype: compute dtype (fp32, bf16, fp16).
-        optimizer: a torch optimizer over model.parameters() (default AdamW, lr 1e-4).
+        optimizer_factory: builds the torch optimizer from the parameters (DeepSpeed must own it
+            from the start); default AdamW(lr=1e-4).
         offload_optimizer, offload_params: ZeRO-Offload of optimizer state / parameters to the CPU.
 
     Returns:
@@ -105,15 +108,17 @@ def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh, *, zero_stage: int = 3, d
         NotImplementedError: dp_replicate > 1 (hybrid ZeRO is not wired up).
     """
     deepspeed = _import_deepspeed()
-    if "dp_replicate" in (mesh.mesh_dim_names or ()) and mesh["dp_replicate"].size() > 1:
+    if mesh is not None and "dp_replicate" in (mesh.mesh_dim_names or ()) and mesh["dp_replicate"].size() > 1:
         raise NotImplementedError("DeepSpeed with dp_replicate > 1 is not supported; use dp_replicate=1 "
                                   "(ZeRO over all ranks) or the FSDP2 backend for HSDP")
     wrapper = TokenSumLoss(model)
     if zero_stage == 3:
         # The output weight is used outside lm_head's forward: let ZeRO-3 gather it for this forward.
         deepspeed.zero.register_external_parameter(wrapper, model.output_weight)
-    if optimizer is None:
+    if optimizer_factory is None:
         optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-4)
+    else:
+        optimizer = optimizer_factory(wrapper.parameters())
     os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer,
                                       config=deepspeed_config(zero_stage, dtype, offload_optimizer=offload_optimizer,

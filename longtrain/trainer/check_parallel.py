@@ -121,7 +121,7 @@ def _compare(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, s
 
 
 def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, layout: str = "zigzag",
-                   ulysses: int = 1, dp_shard: int = -1, dp_replicate: int = 1, sharding: str = "fsdp",
+                   ulysses: int = 1, dp_shard: int = -1, dp_replicate: int = 1, sharding: str = "fsdp2",
                    attention_backend: str = "reference", dtype: torch.dtype = torch.float32, n_batches: int = 2,
                    bs: int = 1, seed: int = 0, zero_stage: int = 3,
                    batches: list[Batch] | None = None) -> ParallelReport:
@@ -135,7 +135,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         cp: context-parallel degree; mode: one of CP_MODES; layout: "zigzag" | "contiguous".
         ulysses: Ulysses degree inside cp (hybrid modes; mode "ulysses" uses cp).
         dp_shard, dp_replicate: data-parallel degrees (dp_shard=-1: what the world leaves).
-        sharding: "fsdp", "deepspeed" or "none" (no sharding: cp ranks sum gradients by all-reduce).
+        sharding: "fsdp2", "deepspeed" or "none" (no sharding: cp ranks sum gradients by all-reduce).
         attention_backend: local backend name (kernels.attention).
         dtype: compute dtype of the parallel model (and of the reference).
         n_batches: micro-batches per data-parallel rank.
@@ -190,7 +190,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
     engine = None
     match sharding:
-        case "fsdp":
+        case "fsdp2":
             from longtrain.parallel.fsdp import apply_fsdp
             apply_fsdp(model, mesh, param_dtype=dtype, reduce_dtype=torch.float32)
         case "deepspeed":
@@ -199,7 +199,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         case "none":
             model.to(dtype)
         case _:
-            raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp, deepspeed, none")
+            raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp2, deepspeed, none")
     loss_par = torch.zeros((), device=device, dtype=torch.float32)
     for b in batches[dp_rank::dims.dp]:
         local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
@@ -218,7 +218,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
                 if p.grad is not None:
                     dist.all_reduce(p.grad)  # cp (and dp) ranks hold different tokens: sum
             grads = _full_grads(model)
-        case "fsdp":
+        case "fsdp2":
             grads = _full_grads(model)
         case "deepspeed":
             from longtrain.parallel.deepspeed import ds_full_grads
@@ -239,8 +239,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses", type=int, default=1, help="Ulysses degree inside cp (hybrid modes)")
     p.add_argument("--dp-shard", type=int, default=-1)
     p.add_argument("--dp-replicate", type=int, default=1)
-    p.add_argument("--sharding", default="fsdp", choices=("fsdp", "deepspeed", "none"))
-    p.add_argument("--zero-stage", type=int, default=3, choices=(1, 2, 3))
+    p.add_argument("--sharding", default="fsdp2", choices=("fsdp2", "deepspeed", "none"))
+    p.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     p.add_argument("--attention-backend", default="reference")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--batches", type=int, default=2, help="micro-batches per data-parallel rank")

@@ -1,0 +1,127 @@
+"""Context-parallel attention (every mode) and FSDP2 against cp=1 on gloo ranks, fp32.
+
+Each spawn groups several checks (process start-up dominates on 2 cores). The data are packed
+multi-document batches (make_packed_batches): tiny documents, one document spanning every rank,
+lengths not divisible by 2*cp.
+
+Tolerance: fp32 throughout; CP changes only the summation order of the attention (LSE merge) and of the
+gradient reductions, which moves results by a few ulps (measured ~5e-7 relative), hence 1e-5.
+"""
+
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from spawn_util import run_ranks
+
+from longtrain.data.batch import IGNORE_INDEX, Batch
+from longtrain.kernels.attention import attention_reference
+from longtrain.model.args import model_flavor
+from longtrain.model.decoder import Transformer
+from longtrain.parallel.context_parallel import apply_cp
+from longtrain.parallel.cp_shard import prepare_cp_inputs
+from longtrain.parallel.dims import ParallelDims
+from longtrain.trainer.check_parallel import _loss_sum, check_parallel, make_packed_batches
+
+pytestmark = pytest.mark.distributed
+
+FP32_TOL = 1e-5  # fp32: only reduction order differs from cp=1
+
+
+def _assert_ok(report, what: str) -> None:
+    assert report.ok(FP32_TOL), f"{what}: {report}"
+    assert report.n_valid_tokens > 0 and report.grad_norm > 0, what
+
+
+def _world2(rank: int, world: int, tmp: str) -> None:
+    debug = model_flavor("debug")
+    for mode, layout in [("ring", "zigzag"), ("ring", "contiguous"), ("allgather", "zigzag"), ("ulysses", "zigzag")]:
+        rep = check_parallel(debug, 37, cp=2, mode=mode, layout=layout, sharding="none", n_batches=2)
+        _assert_ok(rep, f"{mode}/{layout}")
+    # Sliding window (Mistral): the ring also skips blocks that are entirely out of the window.
+    rep = check_parallel(model_flavor("debug", sliding_window=6), 37, cp=2, mode="ring", sharding="none")
+    _assert_ok(rep, "ring + window")
+    # FSDP2 over dp_shard x cp (here cp only): gradients summed over cp, not averaged.
+    _assert_ok(check_parallel(debug, 37, cp=2, mode="ring", sharding="fsdp2", bs=2), "ring + fsdp2")
+
+    # A rank with zero valid tokens: only the first 9 labels are valid, all on cp rank 0 (zigzag chunk 0).
+    batch = make_packed_batches(1, 1, 37, debug.vocab_size, seed=5)[0]
+    labels = torch.full_like(batch.labels, IGNORE_INDEX)
+    labels[:, :9] = batch.labels[:, :9]
+    few = Batch(batch.input_ids, labels, batch.position_ids, batch.doc_ids)
+    assert prepare_cp_inputs(few, 1, 2).num_valid_tokens == 0
+    for mode in ("ring", "allgather"):
+        rep = check_parallel(debug, 37, cp=2, mode=mode, sharding="none", batches=[few])
+        _assert_ok(rep, f"zero-token rank, {mode}")
+    # No valid token anywhere: loss and gradients are 0, not 0/0.
+    none = Batch(batch.input_ids, torch.full_like(labels, IGNORE_INDEX), batch.position_ids, batch.doc_ids)
+    rep = check_parallel(debug, 37, cp=2, mode="ring", sharding="fsdp2", batches=[none])
+    assert rep.loss == 0.0 and rep.grad_norm == 0.0 and rep.n_valid_tokens == 0, rep
+
+    # The check is sensitive: the same sharded batch WITHOUT the K/V exchange is far off.
+    dims = ParallelDims(cp=2, world_size=2)
+    mesh = dims.build_mesh("cpu")
+    model = Transformer(debug)
+    model.init_weights(0)
+    data = make_packed_batches(1, 1, 37, debug.vocab_size, seed=0)[0]
+    ref = float(_loss_sum(model, data, None)) / data.num_valid_tokens
+    local = prepare_cp_inputs(data, rank, 2)
+    got = torch.tensor(float(_loss_sum(model, local, None)) / data.num_valid_tokens)  # local-only attention
+    dist.all_reduce(got)
+    assert abs(float(got) - ref) / ref > 1e-3, (float(got), ref)
+    apply_cp(model, "ring", mesh, attention_reference)
+    got = torch.tensor(float(_loss_sum(model, local, None)) / data.num_valid_tokens)
+    dist.all_reduce(got)
+    assert abs(float(got) - ref) / ref < FP32_TOL, (float(got), ref)
+
+    _fsdp_checkpoint_roundtrip(rank, mesh, tmp)
+
+
+def _fsdp_checkpoint_roundtrip(rank: int, mesh, tmp: str) -> None:
+    """model_state_dict -> DCP save -> perturb -> DCP load -> load_model_state_dict restores the weights."""
+    import torch.distributed.checkpoint as dcp
+
+    from longtrain.parallel.fsdp import apply_fsdp, load_model_state_dict, model_state_dict
+
+    model = Transformer(model_flavor("debug"))
+    model.init_weights(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_fsdp(model, mesh)
+    dcp.save({"model": model_state_dict(model)}, checkpoint_id=f"{tmp}/ckpt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    state = {"model": model_state_dict(model)}
+    dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
+    load_model_state_dict(model, state["model"])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), expected[name]), name
+
+
+def _world4(rank: int, world: int) -> None:
+    debug = model_flavor("debug")  # 4 heads, 2 K/V heads: Ulysses over 4 ranks replicates K/V heads
+    for mode, ulysses, sharding in [("ring", 1, "none"), ("allgather", 1, "none"), ("ulysses", 4, "none"),
+                                    ("hybrid", 2, "fsdp2"), ("hybrid_allgather", 2, "none")]:
+        rep = check_parallel(debug, 45, cp=4, mode=mode, ulysses=ulysses, sharding=sharding)
+        _assert_ok(rep, f"{mode} cp=4")
+    # FSDP2 dp_shard=2 x cp=2: different data per dp rank, global token normalisation.
+    rep = check_parallel(debug, 45, cp=2, mode="ring", dp_shard=2, sharding="fsdp2")
+    _assert_ok(rep, "fsdp2 dp_shard=2 x cp=2")
+    # GQA where n_kv_heads (3) and the Ulysses degree (4) are coprime: K/V heads replicated to lcm = 12.
+    gqa = model_flavor("debug", n_heads=12, n_kv_heads=3)
+    _assert_ok(check_parallel(gqa, 45, cp=4, mode="ulysses", sharding="none"), "ulysses kv=3 cp=4")
+    # n_heads not divisible by the Ulysses degree: a clear error.
+    mesh = ParallelDims(cp=4, ulysses=4, world_size=4).build_mesh("cpu")
+    with pytest.raises(ValueError, match=r"Ulysses degree 4 must divide n_heads=6"):
+        apply_cp(Transformer(model_flavor("debug", n_heads=6, n_kv_heads=2)), "ulysses", mesh, attention_reference)
+
+
+def test_cp_world2():
+    with tempfile.TemporaryDirectory() as tmp:
+        run_ranks(_world2, 2, tmp)
+
+
+def test_cp_world4():
+    run_ranks(_world4, 4)
