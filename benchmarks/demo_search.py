@@ -127,6 +127,8 @@ def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: flo
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_v = float(loss.detach())
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step} len {L} loss {loss_v:.4f} lr {lr * f:.2e} load {os.getloadavg()[0]:.1f}", flush=True)
     return loss_v
 
 
@@ -154,6 +156,7 @@ def run_trial(t: Trial) -> dict:
     loss1 = train(model, t, len_at, t.steps, t.batch, t.lr, rng)
     t1 = time.time()
     before = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    print(f"base: loss {loss1:.4f} acc {before} in {t1 - t0:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     t2 = time.time()
     match t.ext_method:
         case "linear":

@@ -49,6 +49,8 @@ def _read_file(p: Path, text_field: str) -> list[str]:
     if not p.exists():
         raise ValueError(f"eval data {str(p)!r} does not exist; give a .jsonl/.json/.parquet/.csv/.txt file, a "
                          f"saved `datasets` directory, or one of {', '.join(BUILTIN_SOURCES)}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"eval data {str(p)!r} is an empty file: no documents to evaluate")
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
