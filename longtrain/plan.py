@@ -60,25 +60,29 @@ def _check(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"plan_memory: {name} must be >= {minimum}, got {value}")
 
 
-def _layer_activation_bytes(a: ModelArgs, tokens: int, b: int, tile: int | None) -> int:
-    """Bytes autograd saves for one decoder block (no checkpointing), fused attention kernel.
+def _layer_activation_bytes(a: ModelArgs, tokens: int, b: int, tile: int | None, seq_tile: int | None) -> int:
+    """Bytes autograd keeps for one decoder block without block checkpointing, fused attention kernel.
 
-    Counted from decoder.py: each RMSNorm keeps an fp32 copy and its bf16 output; RoPE keeps fp32 q/k and
-    their rotated halves; attention keeps q, k, v, out and the fp32 LSE; SwiGLU keeps gate, up, silu(gate)
-    and their product (4 x intermediate) unless tiled, where only one tile's worth exists at a time.
+    Counted from decoder.py: each RMSNorm keeps an fp32 copy and its output; RoPE keeps fp32 q/k and their
+    rotated halves; attention keeps q, k, v, out and the fp32 LSE; SwiGLU keeps gate, up, silu(gate) and
+    their product (4 x intermediate) unless tiled (one tile's worth). With `seq_tile` only the block input
+    and attention's tensors are whole-sequence; the rest exists for one tile at a time.
     """
     d, hq, hk = a.head_dim, a.n_heads, a.n_kv_heads
     norms = 2 * a.dim * (4 + b)
     rope = 2 * (hq + hk) * d * 4
     attn = (hq + 2 * hk) * d * b + hq * d * b + hq * 4
+    mlp = 4 * a.intermediate_size * b
+    if seq_tile is not None:
+        t = min(seq_tile, tokens)
+        return tokens * (a.dim * b + attn) + t * (norms + rope + mlp + 2 * a.dim * b)
     mlp_tokens = tokens if tile is None else min(tile, tokens)
-    mlp = 4 * a.intermediate_size * b * mlp_tokens
-    return tokens * (norms + rope + attn) + mlp
+    return tokens * (norms + rope + attn) + mlp_tokens * mlp
 
 
 def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_shard: int = 1, cp: int = 1,
                 cp_mode: str = "allgather", dtype: str = "bfloat16", ac_mode: str = "none", offload: bool = False,
-                tiled_mlp: bool | int = False, chunkwise: int | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+                tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
                 ) -> MemoryPlan:
     """Predict per-GPU memory of one training step.
@@ -92,6 +96,7 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         dtype: parameter and compute dtype ("bfloat16" | "float32" | "float16").
         ac_mode: "none" | "selective" | "full"; offload: activation offload to host (full or none).
         tiled_mlp: False, True (DEFAULT_TILE_TOKENS) or a tile size in tokens.
+        seq_tile: sequence-tiled blocks (apply_ac seq_tile) with this tile size, or None.
         chunkwise: SeCO chunk size in tokens, or None.
         loss_chunk: tokens per chunk of the linear + cross-entropy; None: full logits.
         optimizer: "adamw" | "sgd"; backend: "fsdp2" | "deepspeed"; zero_stage: 0-3 (deepspeed).
@@ -150,12 +155,13 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
 
     # ---- activations ----------------------------------------------------------------------------------
     layer_tokens = tokens if chunkwise is None else min(chunkwise, tokens)
-    one_layer = _layer_activation_bytes(a, layer_tokens, b, tile)
+    one_layer = _layer_activation_bytes(a, layer_tokens, b, tile, seq_tile)
     block_input = layer_tokens * a.dim * b
     attn_out = layer_tokens * (a.n_heads * a.head_dim * b + a.n_heads * 4)
     # Backward of one layer: its activations (recomputed or saved) plus gradients of q/k/v and a few
     # residual-stream-sized buffers.
-    grad_work = layer_tokens * ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b + 4 * a.dim * b)
+    grad_work = layer_tokens * ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b + a.n_heads * a.head_dim * b
+                                + 2 * a.dim * b)
     host = 0
     match ac_mode:
         case "none":
@@ -217,6 +223,8 @@ SWITCH_LADDER: tuple[tuple[str, dict], ...] = (
     ("full AC", {"ac_mode": "full", "tiled_mlp": False}),
     ("full AC + tiled MLP", {"ac_mode": "full", "tiled_mlp": True}),
     ("full AC + offload + tiled MLP", {"ac_mode": "full", "offload": True, "tiled_mlp": True}),
+    ("full AC + offload + sequence-tiled blocks", {"ac_mode": "full", "offload": True, "tiled_mlp": True,
+                                                   "seq_tile": DEFAULT_TILE_TOKENS}),
 )
 
 
@@ -232,7 +240,7 @@ def suggest(gpu_bytes: int, host_bytes: int | None = None, **plan_kwargs) -> lis
     Returns:
         (label, plan) for every ladder setting that fits, cheapest first; empty when none fits.
     """
-    base = {**plan_kwargs, "offload": False, "chunkwise": None}
+    base = {**plan_kwargs, "offload": False, "chunkwise": None, "seq_tile": None}
     if base.get("loss_chunk") is None:
         base["loss_chunk"] = DEFAULT_LOSS_CHUNK
     fits = []
