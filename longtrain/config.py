@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from longtrain.data.sources import SourceSpec
+from longtrain.kernels.attention import ATTENTION_BACKENDS
 from longtrain.model.args import MODEL_FLAVORS, ModelArgs
 
 
@@ -72,7 +73,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # ModelArgs fields changed on the flavor, e.g. {n_layers: 4}
     tokenizer: str | None = None  # "builtin" (the bundled demo tokenizer) or a directory; default: `path`
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    attention: str = "auto"  # auto | fa4 | flash_attn | cudnn | flash | flex | reference
+    attention: str = "auto"  # longtrain.kernels.attention backends: auto | reference | sdpa_flash | sdpa_cudnn | flex | flash_attn | fa4
     init_seed: int = 0  # seed of the random init of a flavor
     lora: LoraConfig | None = None
 
@@ -93,7 +94,7 @@ class ModelConfig:
         if self.tokenizer is None:
             self.tokenizer = "builtin" if self.flavor is not None else self.path
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        _choice("attention", self.attention, ("auto", "fa4", "flash_attn", "cudnn", "flash", "flex", "reference"))
+        _choice("attention", self.attention, ATTENTION_BACKENDS)
 
     def model_args(self) -> ModelArgs:
         """The ModelArgs of a flavor (with overrides), or those in the HF directory's config.json."""
@@ -125,22 +126,23 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: whatever the world size leaves
     dp_replicate: int = 1
     cp: int = 1  # context-parallel degree
-    cp_mode: str = "allgather"  # ring | allgather | ulysses | hybrid
+    cp_mode: str = "allgather"  # ring | allgather | ulysses | hybrid (Ulysses x ring) | hybrid_allgather
     ulysses: int = 1  # hybrid only: the Ulysses degree inside each ring group
 
     def __post_init__(self):
         _choice("backend", self.backend, ("fsdp2", "deepspeed"))
-        _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid"))
+        _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather"))
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive("cp", self.cp)
         _positive("ulysses", self.ulysses)
         _positive("dp_replicate", self.dp_replicate)
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise FieldError("dp_shard", self.dp_shard, "must be -1 (the rest of the world size) or >= 1")
-        if self.cp_mode == "hybrid" and self.cp % self.ulysses:
+        hybrid = self.cp_mode.startswith("hybrid")
+        if hybrid and self.cp % self.ulysses:
             raise FieldError("ulysses", self.ulysses, f"hybrid cp needs cp ({self.cp}) divisible by ulysses")
-        if self.cp_mode != "hybrid" and self.ulysses != 1:
-            raise FieldError("ulysses", self.ulysses, "only cp_mode: hybrid uses ulysses; leave it at 1")
+        if not hybrid and self.ulysses != 1:
+            raise FieldError("ulysses", self.ulysses, "only the hybrid cp modes use ulysses; leave it at 1")
 
 
 @dataclass
@@ -459,18 +461,19 @@ def _check_layout(recipe: Recipe, file: str) -> None:
     """Combinations only visible across sections: sequence length vs context parallelism, Ulysses vs heads."""
     par, margs = recipe.parallel, recipe.model.model_args() if recipe.model.flavor else None
     for i, st in enumerate(recipe.stages):
-        # Zigzag ring sharding cuts the sequence into 2*cp chunks (PITFALLS.md); all-gather / Ulysses into cp.
-        div = 2 * par.cp if par.cp_mode in ("ring", "hybrid") else par.cp
+        # The trainer shards sequences zigzag (head-tail, balancing causal work): 2*cp equal chunks (PITFALLS.md).
+        # prepare_cp_inputs could pad a ragged length, but a recipe's fixed seq_len should not waste compute.
+        div = 2 * par.cp if par.cp > 1 else 1
         if st.seq_len % div:
-            raise RecipeError(f"{file}: `stages[{i}].seq_len` = {st.seq_len} is invalid: cp_mode {par.cp_mode!r} "
-                              f"with parallel.cp={par.cp} cuts each sequence into {div} equal chunks, so seq_len "
+            raise RecipeError(f"{file}: `stages[{i}].seq_len` = {st.seq_len} is invalid: with parallel.cp="
+                              f"{par.cp} each sequence is cut zigzag into 2*cp = {div} equal chunks, so seq_len "
                               f"must be a multiple of {div} (e.g. {(st.seq_len // div + 1) * div}).")
         per_step = st.seq_len * st.train.micro_batch
         if st.train.global_batch_tokens % per_step:
             raise RecipeError(f"{file}: `stages[{i}].train.global_batch_tokens` = {st.train.global_batch_tokens} "
                               f"is invalid: it must be a multiple of seq_len * micro_batch = {per_step} "
                               f"(or 0 for one micro-batch per data-parallel rank).")
-    heads_deg = par.cp if par.cp_mode == "ulysses" else par.ulysses
+    heads_deg = par.cp if par.cp_mode == "ulysses" else par.ulysses if par.cp_mode.startswith("hybrid") else 1
     if heads_deg > 1 and margs is None and recipe.model.path and (Path(recipe.model.path) / "config.json").exists():
         margs = recipe.model.model_args()
     if heads_deg > 1 and margs is not None and margs.n_heads % heads_deg:

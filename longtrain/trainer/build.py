@@ -1,12 +1,13 @@
-"""Build what a run needs, in order: parallel layout, model (meta -> parallel -> init or load), memory switches."""
+"""Build what a run needs, in order: parallel layout, then the model (meta -> init or load -> parallel.apply)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from longtrain.config import MemoryConfig, Recipe, StageConfig
@@ -28,6 +29,7 @@ class Layout:
     ulysses: int
     mesh: object | None  # torch DeviceMesh, None in one process
     sharded: bool  # True when parameters are sharded (FSDP2): gradients are reduced by the wrapper
+    dims: object  # longtrain.parallel.ParallelDims
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -48,26 +50,22 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
 
     Raises:
         ValueError: the degrees do not multiply to the world size.
-        NotImplementedError: a layout the trainer cannot run yet.
     """
-    par = recipe.parallel
-    if info.world_size == 1:
-        if par.cp > 1 or par.dp_shard > 1 or par.dp_replicate > 1:
-            raise ValueError(f"{recipe.source}: parallel.cp={par.cp}, dp_shard={par.dp_shard}, dp_replicate="
-                             f"{par.dp_replicate} need {par.cp * max(par.dp_shard, 1) * par.dp_replicate} "
-                             f"processes; launch with torchrun --nproc-per-node N or set them to 1")
-        return Layout(0, 1, 0, 1, "zigzag", 1, None, False)
     from longtrain.parallel.dims import ParallelDims
 
+    par = recipe.parallel
     ulysses = par.cp if par.cp_mode == "ulysses" else par.ulysses
-    dims = ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp, ulysses=ulysses,
-                        world_size=info.world_size)
-    mesh = dims.build_mesh(info.device.type)
+    try:
+        dims = ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp, ulysses=ulysses,
+                            world_size=info.world_size)
+    except ValueError as e:
+        raise ValueError(f"{recipe.source}: the `parallel` section does not fit {info.world_size} process(es): {e}")
+    mesh = dims.build_mesh(info.device.type) if info.world_size > 1 else None
     cp_rank = mesh["cp"].get_local_rank() if dims.cp > 1 else 0
     dp_rank = mesh["dp"].get_local_rank() if dims.dp > 1 else 0
-    # Ring attention balances causal work with zigzag (head-tail) chunks; all-gather and Ulysses keep order.
-    layout = "zigzag" if par.cp_mode in ("ring", "hybrid") else "contiguous"
-    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, layout, ulysses, mesh, False)
+    # Zigzag (head-tail) chunks balance causal work over cp ranks for every mode (the mask carries the global
+    # token index, so all-gather and Ulysses attention are layout-agnostic).
+    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, "zigzag", ulysses, mesh, info.world_size > 1, dims)
 
 
 def model_args(recipe: Recipe) -> ModelArgs:
@@ -75,23 +73,33 @@ def model_args(recipe: Recipe) -> ModelArgs:
     if recipe.model.flavor is not None:
         return recipe.model.model_args()
     from longtrain.model.hf import args_from_hf_config
-    import json
-    from pathlib import Path
 
     path = Path(recipe.model.path) / "config.json"
     return args_from_hf_config(json.loads(path.read_text()), str(path))
 
 
-def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
-    """The model of the recipe on `info.device`, LoRA and parallelism applied, weights initialised or loaded.
+def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
+    """`auto` tiles the MLP when some stage reaches 32K tokens, where its intermediate activations
+    (seq x intermediate_size per layer) start to dominate (Arctic long-sequence training, arXiv:2506.13996)."""
+    if isinstance(memory.tiled_mlp, bool):
+        return memory.tiled_mlp
+    return max(s.seq_len for s in recipe.stages) >= 32768
 
-    A flavor is built on the meta device and materialised after wrapping (no full copy per rank); an HF
-    directory is loaded by `longtrain.load_hf`.
+
+def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
+    """The model of the recipe on `info.device`: built, LoRA added, then `longtrain.parallel.apply` (attention
+    backend or context-parallel attention, tiled MLP, activation checkpointing, FSDP2) called once.
+
+    A flavor is built on the meta device and initialised from `model.init_seed` (the same on every rank);
+    an HF directory is loaded by `longtrain.load_hf`. In one process parameters take the recipe's dtype
+    (bf16 on GPU, fp32 on CPU); under FSDP2 they stay fp32 and FSDP computes in that dtype.
 
     Raises:
-        NotImplementedError: a parallel layout beyond data parallelism before longtrain.parallel.apply exists.
+        NotImplementedError: the DeepSpeed backend (wired in check-parallel, not yet in the trainer loop).
     """
-    mcfg = recipe.model
+    import longtrain.parallel as parallel
+
+    mcfg, memory = recipe.model, recipe.stages[0].memory
     dtype = resolve_dtype(mcfg.dtype, info.device)
     if mcfg.path is not None:
         from longtrain.model.hf import load_hf
@@ -104,48 +112,16 @@ def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
         model.init_weights(seed=mcfg.init_seed)
     if mcfg.lora is not None:
         apply_lora(model, mcfg.lora, seed=mcfg.init_seed)
-    model.to(device=info.device, dtype=dtype)
-    if info.world_size > 1:
-        apply_parallel(model, recipe, layout)
+    backend = recipe.parallel.backend if info.world_size > 1 else "none"
+    if backend == "deepspeed":
+        raise NotImplementedError(f"{recipe.source}: parallel.backend deepspeed is not wired into the trainer "
+                                  f"loop yet; use fsdp2")
+    model.to(device=info.device, dtype=torch.float32 if layout.sharded else dtype)
+    model = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
+                           attention_backend=mcfg.attention, param_dtype=dtype, reduce_dtype=torch.float32,
+                           ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
+                           tiled_mlp=tiled_mlp_setting(recipe, memory), backend=backend)
     return model
-
-
-def apply_parallel(model: Transformer, recipe: Recipe, layout: Layout) -> None:
-    """Install context-parallel attention and sharding through longtrain.parallel, or plain data parallelism.
-
-    Raises:
-        NotImplementedError: context parallelism or sharding requested but longtrain.parallel has no `apply`.
-    """
-    import longtrain.parallel as parallel
-
-    apply = getattr(parallel, "apply", None)
-    if apply is None:
-        if layout.cp_size > 1:
-            raise NotImplementedError("context parallelism needs longtrain.parallel.apply, not available yet")
-        # Replicated data parallelism: every rank starts from rank 0's weights; gradients are summed in the loop.
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
-        return
-    apply(model, layout.mesh, recipe.parallel)
-    layout.sharded = recipe.parallel.backend == "fsdp2"
-
-
-def apply_memory(model: Transformer, memory: MemoryConfig) -> None:
-    """Activation checkpointing and tiled MLP from the recipe's memory section (chunkwise is a loop branch).
-
-    Raises:
-        NotImplementedError: offload_activations without the memory helper's support.
-    """
-    if memory.activation_checkpoint != "none":
-        from longtrain.parallel.activation_checkpoint import apply_ac
-
-        apply_ac(model, memory.activation_checkpoint)
-    if memory.tiled_mlp is True:
-        from longtrain.kernels.tiled_mlp import apply_tiled_mlp
-
-        apply_tiled_mlp(model)
-    if memory.offload_activations:
-        raise NotImplementedError("memory.offload_activations is not wired into the trainer yet")
 
 
 def stage_rope(recipe: Recipe, stage_index: int, base: dict) -> dict:

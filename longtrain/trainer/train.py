@@ -109,7 +109,7 @@ def micro_batches_per_step(stage: StageConfig, dp_size: int) -> int:
 
 
 def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: build.Layout, stage: StageConfig,
-               inject_nan: bool) -> StepStats:
+               inject_nan: bool, generator: torch.Generator | None = None) -> StepStats:
     """Forward, backward and (unless the loss or gradients are not finite) one optimizer update."""
     local_valid = sum(b.num_valid_tokens for b in batches)
     if layout.cp_size > 1:  # cp ranks see the same global batch; each counts only the tokens it will hold
@@ -122,24 +122,26 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
     denom = max(global_valid, 1)  # no valid token anywhere: every sum is 0, so is the loss (skipped below)
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
     window = model.args.sliding_window
+    chunkwise = stage.memory.chunkwise
     for b in batches:
         b = b.to(info.device)
-        if layout.cp_size > 1:
-            mask = local_attn_mask(b, window)
+        if chunkwise is not None:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO)
+            from longtrain.trainer.chunkwise import chunkwise_forward_backward
+
+            s = chunkwise_forward_backward(model, b, chunkwise.chunk, chunkwise.mode, chunkwise.keep,
+                                           loss_normalizer=float(denom), generator=generator)
         else:
-            mask = None
-        hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask)
-        s = linear_cross_entropy(hidden, model.output_weight, b.labels)
-        if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
-            s = s * float("nan")
-        (s / denom).backward()
+            mask = local_attn_mask(b, window) if layout.cp_size > 1 else None
+            hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask)
+            s = linear_cross_entropy(hidden, model.output_weight, b.labels)
+            if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
+                s = s * float("nan")
+            (s / denom).backward()
         loss_sum += s.detach().float()
+    if inject_nan and chunkwise is not None:
+        loss_sum = loss_sum * float("nan")
     params = build.trainable(model)
-    if info.world_size > 1 and not layout.sharded:
-        # Replicated data parallelism: sum (not average) gradients; the loss is already globally normalised.
-        for p in params:
-            if p.grad is not None:
-                all_reduce(p.grad)
+    # Gradients: FSDP2 sums them over dp_shard x cp in its reduce-scatter (divide factor 1), nothing to do here.
     loss = (all_reduce(loss_sum) / denom).item()
     max_norm = stage.train.grad_clip if stage.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -199,18 +201,15 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     result = TrainResult(run_dir, step, bad_steps=bad_steps)
     preempt = _Preemption()
     preempt.install()
-    applied_memory = None
     source: BatchSource | None = None
     try:
         for si in range(start_stage, len(recipe.stages)):
             stage = recipe.stages[si]
             _set_stage_rope(model, recipe, si, base_rope, base_max_pos)
-            if stage.memory != applied_memory:
-                if applied_memory is not None and applied_memory != type(stage.memory)():
-                    raise NotImplementedError(f"stage {stage.name!r} changes the memory section after stage "
-                                              f"{recipe.stages[si - 1].name!r} applied it; keep memory at the top level")
-                build.apply_memory(model, stage.memory)
-                applied_memory = stage.memory
+            if stage.memory != recipe.stages[0].memory:
+                # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
+                raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
+                                          f"level (it applies to every stage)")
             source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
                                         layout.dp_rank, layout.dp_size)
             scheduler = build_scheduler(optimizer, stage.train.optimizer.lr, stage.steps, stage.train.schedule)
@@ -226,8 +225,10 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
             while stage_step < stage.steps:
                 t0 = time.perf_counter()
                 batches = [source.next_batch() for _ in range(n_micro)]
+                # Chunk selection of sparse chunkwise training: seeded by the step, so a resumed run draws the same.
+                gen = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step)
                 stats = train_step(model, optimizer, batches, info, layout, stage,
-                                   inject_nan=step + 1 in stage.train.debug_nan_steps)
+                                   inject_nan=step + 1 in stage.train.debug_nan_steps, generator=gen)
                 lr = scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")

@@ -94,7 +94,7 @@ def test_bad_option_lists_valid_ones(tmp_path):
 
 
 def test_impossible_combinations(tmp_path):
-    msg = error(tmp_path, BASE, ["parallel.cp=3", "parallel.cp_mode=ring"])
+    msg = error(tmp_path, BASE, ["parallel.cp=3", "parallel.cp_mode=allgather"])
     assert "`stages[0].seq_len` = 64" in msg and "multiple of 6" in msg
     # debug flavor: 4 query heads; Ulysses degree 8 cannot split them.
     msg = error(tmp_path, BASE, ["parallel.cp=8", "parallel.cp_mode=ulysses"])
