@@ -173,7 +173,9 @@ def ds_load_model_state_dict(engine, state_dict: dict[str, Tensor]) -> None:
     if params.keys() != state_dict.keys():
         raise ValueError(f"state dict does not match the model: missing {sorted(params.keys() - state_dict.keys())}, "
                          f"unexpected {sorted(state_dict.keys() - params.keys())}")
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+    # modifier_rank=0: on exit rank 0's values are broadcast and re-partitioned (None would discard
+    # the writes). Every rank loaded the same full tensors, so rank 0's are everyone's.
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state_dict[n].to(p.dtype))
