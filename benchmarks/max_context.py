@@ -176,6 +176,10 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     model.to(dtype)
     _init_random(model, margs.initializer_range)
     model.set_attention(get_attention_backend(a.attn))
+    if a.fused:  # before the memory switches: they wrap whatever forward the modules then have
+        from longtrain.kernels import apply_fused_kernels
+
+        apply_fused_kernels(model)
     plain = a.side == "longtrain_plain"
     switches = {} if plain else json.loads(a.switches)
     if not plain:
@@ -236,6 +240,7 @@ def _hf_step(a, margs, ids, device, dtype):
 def _spawn(a: argparse.Namespace, side: str, flavor: str, seq: int, switches: tuple[str, dict] | None) -> Trial:
     cmd = [sys.executable, __file__, "--trial", "--side", side, "--flavors", flavor, "--seq", str(seq),
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--attn", a.attn, "--loss-impl", a.loss_impl]
+    cmd += ["--fused"] if a.fused else []
     if switches is not None:
         cmd += ["--switch-label", switches[0], "--switches", json.dumps(switches[1])]
     cmd += ["--smoke"] if a.smoke else []
@@ -307,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per trial (allocator and kernels warm)")
     p.add_argument("--attn", default="auto", help="longtrain attention backend (kernels/attention.py)")
     p.add_argument("--loss-impl", default="torch", choices=("torch", "compile"))
+    p.add_argument("--fused", action="store_true", help="longtrain sides: fused Triton RMSNorm/RoPE/SwiGLU")
     p.add_argument("--lt-switches", default="auto", choices=("auto", "all"),
                    help="auto: cheapest setting predicted to fit, costlier on OOM; all: every switch")
     p.add_argument("--gpu-memory-gib", type=float, default=79.0, help="memory budget for the plan-based choice")

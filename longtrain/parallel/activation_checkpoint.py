@@ -65,6 +65,7 @@ def attention_ops() -> set:
 def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
     """decoder.Block.forward with its per-token parts run over checkpointed sequence tiles."""
     attn = block.self_attn
+    rotary = getattr(attn, "rotary_fn", apply_rotary)  # the fused RoPE when kernels.apply_fused_kernels set it
 
     def pre(x_t: Tensor, cos_t: Tensor, sin_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = block.input_layernorm(x_t)
@@ -74,7 +75,7 @@ def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, si
         v = attn.v_proj(h).view(bs, n, -1, attn.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return apply_rotary(q, cos_t, sin_t), apply_rotary(k, cos_t, sin_t), v
+        return rotary(q, cos_t, sin_t), rotary(k, cos_t, sin_t), v
 
     def post(x_t: Tensor, o_t: Tensor) -> Tensor:
         bs, n = o_t.shape[:2]
