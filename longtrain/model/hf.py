@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -387,18 +386,15 @@ def _plan_shards(names: list[str], sizes: list[int], max_shard_bytes: int) -> li
     return shards
 
 
-def _copy_tokenizer(src: Path, dst: Path, model_max_length: int) -> list[str]:
-    copied = []
+def _copy_tokenizer(src: Path, dst: Path, model_max_length: int) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-            copied.append(name)
     tok_cfg = dst / "tokenizer_config.json"
     if tok_cfg.is_file():
         data = json.loads(tok_cfg.read_text())
         data["model_max_length"] = model_max_length
         tok_cfg.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    return copied
 
 
 def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -413,7 +409,8 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
     never leaves a half-written `out_dir`.
 
     Args:
-        model: the model (plain or with DTensor parameters, which are gathered).
+        model: the model. DTensor parameters are gathered with `full_tensor()` (a collective), which suits a
+            single-process mesh; under multi-rank FSDP gather a full state dict to one rank first.
         out_dir: target directory; must not exist or be empty unless `overwrite`.
         max_shard_bytes: the largest shard file (a single larger tensor gets a shard of its own).
         dtype: dtype of the written tensors; None: the model's parameter dtype.
@@ -426,7 +423,7 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
     Raises:
         TypeError: `model` is not a longtrain Transformer.
         ValueError: bad `max_shard_bytes` / `dtype`, mixed parameter dtypes with dtype=None, a missing
-            tokenizer_dir, or an existing non-empty `out_dir` without `overwrite`.
+            tokenizer_dir or recorded source_dir, or an existing non-empty `out_dir` without `overwrite`.
         NotImplementedError: the model uses a feature its architecture cannot express (see hf_config).
     """
     if not isinstance(model, Transformer):
@@ -444,10 +441,11 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"save_hf: {out_dir} exists and is not empty; pass overwrite=True to replace it")
-    tok_src = Path(tokenizer_dir) if tokenizer_dir is not None else (
-        Path(model.args.source_dir) if model.args.source_dir else None)
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise ValueError(f"save_hf: tokenizer_dir {tokenizer_dir} is not a directory")
+    tok_src = tokenizer_dir if tokenizer_dir is not None else model.args.source_dir
+    if tok_src is not None and not Path(tok_src).is_dir():
+        what = "tokenizer_dir" if tokenizer_dir is not None else "model.args.source_dir (where it was loaded from)"
+        raise ValueError(f"save_hf: {what} {tok_src} is not a directory; pass tokenizer_dir= "
+                         "(or set model.args.source_dir = None to write no tokenizer)")
     cfg = hf_config(model.args, dtype)  # validates before anything is written
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -472,8 +470,8 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if tok_src is not None and tok_src.is_dir():
-            _copy_tokenizer(tok_src, tmp, context_length(cfg["rope_parameters"], cfg["max_position_embeddings"]))
+        if tok_src is not None:
+            _copy_tokenizer(Path(tok_src), tmp, context_length(cfg["rope_parameters"], cfg["max_position_embeddings"]))
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(old)

@@ -190,6 +190,11 @@ def test_tokenizer_copied_with_model_max_length(tmp_path: Path):
     other = make_tokenizer(tmp_path / "tok", model_max_length=7)
     out2 = save_hf(model, tmp_path / "out2", tokenizer_dir=other)
     assert json.loads((out2 / "tokenizer_config.json").read_text())["model_max_length"] == expected
+    src.rename(tmp_path / "moved")  # the recorded source is gone: say so rather than drop the tokenizer
+    with pytest.raises(ValueError, match=r"model\.args\.source_dir .* is not a directory; pass tokenizer_dir="):
+        save_hf(model, tmp_path / "out3")
+    model.args.source_dir = None
+    assert not (save_hf(model, tmp_path / "out3") / "tokenizer_config.json").exists()
 
 
 def test_write_is_atomic(tmp_path: Path):
