@@ -231,18 +231,22 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--flavor", default="debug", help="model flavor (model.args.MODEL_FLAVORS)")
-    p.add_argument("--seq-len", type=int, default=77, help="tokens per sequence; need not divide 2*cp")
+    # Defaults of None mean "from the recipe, else the built-in default" (see _resolve).
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="a YAML recipe: model, stage-1 seq_len and the `parallel` section (flags override it)")
+    p.add_argument("overrides", nargs="*", default=[], help="recipe overrides such as parallel.cp=4")
+    p.add_argument("--flavor", default=None, help="model flavor (model.args.MODEL_FLAVORS) instead of a recipe")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; need not divide 2*cp (default 77)")
     p.add_argument("--cp", type=int, default=None, help="context-parallel degree (default: world size)")
-    p.add_argument("--cp-mode", default="ring", choices=CP_MODES)
+    p.add_argument("--cp-mode", default=None, choices=CP_MODES)
     p.add_argument("--cp-layout", default="zigzag", choices=("zigzag", "contiguous"))
-    p.add_argument("--ulysses", type=int, default=1, help="Ulysses degree inside cp (hybrid modes)")
-    p.add_argument("--dp-shard", type=int, default=-1)
-    p.add_argument("--dp-replicate", type=int, default=1)
-    p.add_argument("--sharding", default="fsdp2", choices=("fsdp2", "deepspeed", "none"))
-    p.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
-    p.add_argument("--attention-backend", default="reference")
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree inside cp (hybrid modes)")
+    p.add_argument("--dp-shard", type=int, default=None)
+    p.add_argument("--dp-replicate", type=int, default=None)
+    p.add_argument("--sharding", default=None, choices=("fsdp2", "deepspeed", "none"))
+    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3))
+    p.add_argument("--attention-backend", default=None, help="local attention backend (default reference)")
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default fp32 (recipe: its model.dtype)")
     p.add_argument("--batches", type=int, default=2, help="micro-batches per data-parallel rank")
     p.add_argument("--bs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -250,9 +254,45 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max relative loss / gradient difference (default 1e-5 in fp32, 2e-2 in bf16/fp16)")
 
 
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _resolve(args: argparse.Namespace) -> dict:
+    """check_parallel keyword arguments from flags, the recipe (if any), then defaults."""
+    world = dist.get_world_size()
+    if args.recipe is None:
+        if args.overrides:
+            raise ValueError(f"overrides {args.overrides} need a recipe")
+        mcfg_args, par, seq_len, attn, dtype = model_flavor(args.flavor or "debug"), None, None, None, None
+    else:
+        from longtrain.config import load_recipe
+        from longtrain.trainer.build import model_args, resolve_dtype
+
+        if args.flavor is not None:
+            raise ValueError("give either a recipe or --flavor, not both")
+        recipe = load_recipe(args.recipe, args.overrides)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        mcfg_args, par, seq_len = model_args(recipe), recipe.parallel, recipe.stages[0].seq_len
+        attn = recipe.model.attention
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[resolve_dtype(recipe.model.dtype, device)]
+    dtype_name = _first(args.dtype, dtype, "fp32")
+    cp = _first(args.cp, par.cp if par else None, world)
+    return dict(model_args=mcfg_args, seq_len=_first(args.seq_len, seq_len, 77), cp=cp,
+                mode=_first(args.cp_mode, par.cp_mode if par else None, "ring"), layout=args.cp_layout,
+                ulysses=_first(args.ulysses, par.ulysses if par else None, 1),
+                dp_shard=_first(args.dp_shard, par.dp_shard if par else None, -1),
+                dp_replicate=_first(args.dp_replicate, par.dp_replicate if par else None, 1),
+                sharding=_first(args.sharding, par.backend if par else None, "fsdp2"),
+                zero_stage=_first(args.zero_stage, par.zero_stage if par else None, 3),
+                attention_backend=_first(args.attention_backend, attn, "reference"), dtype=DTYPES[dtype_name],
+                n_batches=args.batches, bs=args.bs, seed=args.seed)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `check-parallel` on the `longtrain` CLI (a RECIPE positional is added by the CLI owner)."""
-    p = subparsers.add_parser("check-parallel", help="compare a parallel layout with cp=1 on packed batches")
+    """Register `longtrain check-parallel [RECIPE] [overrides] [--flags]` on the CLI's subparsers."""
+    p = subparsers.add_parser("check-parallel", help="compare a parallel layout with cp=1 on packed batches",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     return p
 
@@ -261,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the check from parsed arguments (initialises the process group from torchrun's env if needed).
 
     Returns:
-        0 when loss and every gradient are within tolerance, 1 otherwise.
+        0 when loss and every gradient are within tolerance, 1 otherwise, 2 for a bad recipe or flags.
     """
     own_pg = not dist.is_initialized()
     if own_pg:
@@ -270,17 +310,20 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     try:
-        dtype = DTYPES[args.dtype]
+        try:
+            kwargs = _resolve(args)
+        except ValueError as e:  # RecipeError is a ValueError too
+            if dist.get_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        dtype = kwargs["dtype"]
         tolerance = args.tolerance if args.tolerance is not None else (1e-5 if dtype == torch.float32 else 2e-2)
-        report = check_parallel(model_flavor(args.flavor), args.seq_len, args.cp or dist.get_world_size(),
-                                args.cp_mode, layout=args.cp_layout, ulysses=args.ulysses, dp_shard=args.dp_shard,
-                                dp_replicate=args.dp_replicate, sharding=args.sharding,
-                                attention_backend=args.attention_backend, dtype=dtype, n_batches=args.batches,
-                                bs=args.bs, seed=args.seed, zero_stage=args.zero_stage)
+        report = check_parallel(**kwargs)
         ok = report.ok(tolerance)
         if dist.get_rank() == 0:
-            print(f"check-parallel cp={args.cp or dist.get_world_size()} mode={args.cp_mode} layout={args.cp_layout} "
-                  f"sharding={args.sharding} dtype={args.dtype} world={dist.get_world_size()}\n"
+            print(f"check-parallel cp={kwargs['cp']} mode={kwargs['mode']} layout={kwargs['layout']} "
+                  f"ulysses={kwargs['ulysses']} sharding={kwargs['sharding']} dtype={dtype} "
+                  f"backend={kwargs['attention_backend']} seq_len={kwargs['seq_len']} world={dist.get_world_size()}\n"
                   f"  loss      {report.loss:.8f}  cp=1: {report.loss_ref:.8f}  rel diff {report.loss_rel_diff:.2e}\n"
                   f"  grad norm {report.grad_norm:.8f}  cp=1: {report.grad_norm_ref:.8f}\n"
                   f"  max per-parameter relative grad diff {report.max_rel_grad_diff:.2e} ({report.worst_param})\n"
