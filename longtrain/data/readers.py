@@ -113,7 +113,6 @@ class MapSource:
         self.spec, self.index, self.seed, self.dp_rank, self.dp_size = spec, index, seed, dp_rank, dp_size
         self.stats = SourceStats(spec.path)
         kind, files = resolve_files(spec)
-        datasets.disable_progress_bars()
         if kind == "saved":
             raw = self._load_saved(files[0], on_bad_record)
         else:
@@ -259,7 +258,10 @@ class StreamSource:
             self.stats.records += 1
             if rec["_error"] is not None:
                 self.stats.add_bad(rec["_error"])
-                log.warning("source %s: skipped bad record: %s", self.spec.path, rec["_error"])
+                if self.stats.bad_records <= 5:  # the first few in full, then a count every 1000
+                    log.warning("source %s: skipped bad record: %s", self.spec.path, rec["_error"])
+                elif self.stats.bad_records % 1000 == 0:
+                    log.warning("source %s: %d bad records skipped so far", self.spec.path, self.stats.bad_records)
                 continue
             ids, mask = tokenize_record(self.tok, rec["text"], rec["messages"])
             if len(ids) < self.spec.min_tokens:
