@@ -49,8 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--compare", default=None, help="a second model, scored on the same inputs and shown beside")
     p.add_argument("--out", default=None, help="report folder (default: MODEL/eval, or ./eval for checkpoints)")
     p.add_argument("--data", default=None,
-                   help="perplexity documents: .jsonl/.json/.parquet/.csv/.txt, a saved datasets dir, 'tiny' or "
-                        "'stdlib' (default: the bundled tiny corpus, concatenated)")
+                   help="perplexity documents: .jsonl/.json/.parquet/.csv/.txt, a saved datasets dir, 'tiny', "
+                        "'stdlib' or 'synthetic:passkey' (default: the bundled tiny corpus, concatenated)")
     p.add_argument("--text-field", default="text", help="text column of --data")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride, 1..length-1 (default: length-1)")
     p.add_argument("--packing", default="document", help="perplexity: document (each alone) | concat")

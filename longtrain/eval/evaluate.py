@@ -19,6 +19,8 @@ from longtrain.model.decoder import Transformer
 
 EVAL_TASKS = ("perplexity", *RETRIEVAL_TASKS)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SYNTHETIC_PASSKEY = "synthetic:passkey"  # perplexity data: passkey sequences (task_options["passkey"] apply)
+SYNTHETIC_DOCS = 8
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[int],
@@ -40,8 +42,9 @@ def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[
         samples: sequences per (length, depth) cell (retrieval tasks).
         out_dir: where to write report.md, results.json and the PNGs; None writes nothing.
         name: the model's name in reports (e.g. "before", "after").
-        data: perplexity documents: a path or built-in source for `load_documents`, a list of texts, or None
-            for the bundled tiny corpus joined into one stream (packing forced to "concat").
+        data: perplexity documents: a path or built-in source for `load_documents`, "synthetic:passkey"
+            (8 passkey sequences of the longest length), a list of texts or of token-id lists, or None for the
+            bundled tiny corpus joined into one stream (packing forced to "concat").
         text_field: the text column of `data` files.
         stride: perplexity window stride (default: each length, disjoint windows).
         packing: perplexity packing, "document" or "concat" (see perplexity.py).
@@ -92,7 +95,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[
                          "perplexity": {}, "retrieval": {}}
         with torch.no_grad():
             if "perplexity" in tasks:
-                docs, data_desc, packing = _perplexity_docs(tokenizer, data, text_field, packing)
+                docs, data_desc, packing = _perplexity_docs(tokenizer, data, text_field, packing, max(lengths),
+                                                            task_options.get("passkey", {}), seed)
                 res = perplexity_by_length(model, docs, lengths, stride=stride, batch_size=batch_size,
                                            max_windows=max_windows, packing=packing,
                                            eos_id=tokenizer.eos_id if tokenizer else None, backend=backend)
@@ -116,8 +120,20 @@ def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[
 
 
 def _perplexity_docs(tok: Tokenizer | None, data: str | Sequence[str] | Sequence[Sequence[int]] | None,
-                     text_field: str, packing: str) -> tuple[list[list[int]], str, str]:
+                     text_field: str, packing: str, max_len: int, passkey_options: dict,
+                     seed: int) -> tuple[list[list[int]], str, str]:
     """Tokenized perplexity documents, a description of them, and the packing to use."""
+    if data == SYNTHETIC_PASSKEY:
+        # Passkey sequences as documents: filler the model has learned, so the loss by position isolates what
+        # positions beyond the trained length do to it (a second signal beside retrieval accuracy).
+        import random
+
+        from longtrain.data.synthetic import passkey_sample
+
+        rng = random.Random(f"{seed}-perplexity")
+        docs = [passkey_sample(tok, max_len, (i + 0.5) / SYNTHETIC_DOCS, rng, **passkey_options).input_ids
+                for i in range(SYNTHETIC_DOCS)]
+        return docs, f"{SYNTHETIC_DOCS} synthetic passkey sequences of {max_len} tokens", packing
     if data is None:
         # The bundled corpus has short documents only: one stream is the only way to reach long windows.
         return tokenize_documents(tok, load_documents("tiny")), "bundled tiny corpus, concatenated", "concat"
