@@ -207,3 +207,17 @@ def test_synthetic_sources(tok, task, options):
         assert valid.tolist() == [len(tok.encode(" 12345"))] * 2
     else:
         assert (valid == 511).all()
+
+
+def test_tokenization_is_cached_and_invalidated(tok, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_jsonl(path, [f"Cached document {i}." for i in range(20)])
+    cache = tmp_path / "cache"
+    first = build_loader([SourceSpec(str(path))], tok, 32, 1, prefetch=0, cache_dir=str(cache))
+    files = sorted(p for p in cache.rglob("*") if p.is_file())
+    again = build_loader([SourceSpec(str(path))], tok, 32, 1, prefetch=0, cache_dir=str(cache))
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == files  # nothing re-read or re-tokenized
+    assert _same(next(first), next(again))
+    with open(path, "a") as f:  # a changed file (size, mtime) is read again
+        f.write(json.dumps({"text": "One more."}) + "\n")
+    assert build_loader([SourceSpec(str(path))], tok, 32, 1, prefetch=0, cache_dir=str(cache)).stats[0].documents == 21
