@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -26,6 +27,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if result.status == "done":
         print(f"done: {result.step} steps, run directory {result.run_dir}")
     else:
