@@ -176,8 +176,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             if offload:
                 host, saved = saved, 2 * block_input
             acts = saved + one_layer + grad_work
-    # Residual stream, final norm (fp32 copy) and its output, hidden gradient.
-    acts += layer_tokens * a.dim * (3 * b + 4)
+    # Residual stream, final norm (its fp32 copy unless sequence-tiled) and its output, hidden gradient.
+    acts += layer_tokens * a.dim * (3 * b + (0 if seq_tile is not None else 4))
     if chunkwise is not None:
         kv = a.n_layers * 2 * a.n_kv_heads * a.head_dim * tokens
         # K/V store (dtype) + fp32 gradient accumulators + the concatenated K/V and leaf gradients of the

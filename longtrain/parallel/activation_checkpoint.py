@@ -96,6 +96,14 @@ def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, si
     return torch.cat([run(post, x[:, s:e], out[:, s:e]) for s, e in tiles], dim=1)  # (bs, seqlen, dim)
 
 
+def _tiled_checkpoint_forward(fn, tile: int, x: Tensor) -> Tensor:
+    """A per-token module's forward over checkpointed sequence tiles (the final norm's fp32 copy never whole)."""
+    if not torch.is_grad_enabled():
+        return fn(x)
+    seqlen = x.shape[1]
+    return torch.cat([checkpoint(fn, x[:, s:s + tile], use_reentrant=False) for s in range(0, seqlen, tile)], dim=1)
+
+
 def _policy(save_ops: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -135,8 +143,8 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         host_budget_bytes: host RAM the offloaded activations may use; None = 90% of what is available.
         save_ops: extra ops whose outputs selective mode keeps (added to `attention_ops()`).
         offload_min_bytes: saved tensors smaller than this stay on the device.
-        seq_tile: run each block's per-token parts over checkpointed sequence tiles of this many tokens
-            (None: the block's own forward).
+        seq_tile: run each block's per-token parts, and the final norm, over checkpointed sequence tiles of
+            this many tokens (None: the modules' own forward).
 
     Returns:
         The ActivationOffloader when offload is on (its `peak_bytes` reports host usage), else None.
@@ -180,6 +188,13 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         else:
             fn = orig
         block.forward = types.MethodType(lambda self, x, cos, sin, mask, _fn=fn: _fn(x, cos, sin, mask), block)
+    norm = getattr(model, "norm", None)
+    if seq_tile is not None and norm is not None:
+        # The final RMSNorm keeps an fp32 copy of the whole sequence (8 GiB at 1M tokens x 2048): tile it too.
+        if not hasattr(norm, "_unwrapped_forward"):
+            norm._unwrapped_forward = norm.forward
+        norm.forward = types.MethodType(
+            lambda self, x, _t=seq_tile: _tiled_checkpoint_forward(self._unwrapped_forward, _t, x), norm)
     return offloader
 
 

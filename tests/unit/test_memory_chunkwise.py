@@ -135,9 +135,10 @@ def test_spaco_is_unbiased_statistically() -> None:
     """Mean of N seeded SpaCO draws vs the exact gradient, projected on fixed random directions.
 
     Each projection's sample mean must lie within Z_TOL standard errors of the exact value (a two-sided
-    z-test per direction; over 4 directions the chance of a false alarm at Z_TOL = 4.5 is < 3e-5).
+    z-test per direction; over 4 directions, with 19 degrees of freedom (t-distribution), the chance of a
+    false alarm at Z_TOL = 4.5 is < 1e-3).
     """
-    n_samples, z_tol = 30, 4.5
+    n_samples, z_tol = 20, 4.5
     model, batch = tiny_model(), make_batch(bs=1, seqlen=24)
     _, exact = chunk_grads(model, batch, 1.0, chunk=8, mode="exact")
     flat_exact = torch.cat([g.flatten() for g in exact.values()]).double()
