@@ -272,19 +272,6 @@ class EvalConfig:
         _positive("samples", self.samples)
 
 
-def _check_rope(rope: dict) -> None:
-    from longtrain.model import rope as rope_mod
-
-    validate = getattr(rope_mod, "validate_rope", None)
-    if validate is None:  # TODO(rope helper): validate_rope lands in model/rope.py; until then the type only
-        _choice("rope.rope_type", rope.get("rope_type"), ("default", "linear", "dynamic", "yarn", "llama3", "longrope"))
-        return
-    try:
-        validate(rope)
-    except ValueError as e:
-        raise FieldError("rope", rope, str(e)) from None
-
-
 @dataclass
 class StageConfig:
     """One phase of training. `data`, `train`, `memory` and `eval` are the top-level ones with this stage's changes."""
@@ -304,8 +291,6 @@ class StageConfig:
         _positive("steps", self.steps)
         if not self.data.sources:
             raise FieldError("data.sources", [], "at least one data source is needed (top level or in the stage)")
-        if self.rope is not None:
-            _check_rope(self.rope)
 
 
 @dataclass
@@ -524,6 +509,14 @@ def build_recipe(raw: dict, overrides: list[str] | None = None, file: str = "<re
             _build(hints[sec], resolved[sec], sec, file)
     recipe: Recipe = _build(Recipe, resolved, "", file)
     recipe.source = file
+    from longtrain.model.rope import validate_rope
+
+    for i, st in enumerate(recipe.stages):
+        if st.rope is not None:
+            try:  # normalised: floats as floats, defaults filled (what the checkpoint and export will carry)
+                st.rope = validate_rope(st.rope, f"stages[{i}].rope")
+            except ValueError as e:
+                raise RecipeError(f"{file}: {e}") from None
     _check_layout(recipe, file)
     return recipe
 

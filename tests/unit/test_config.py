@@ -105,7 +105,9 @@ def test_impossible_combinations(tmp_path):
 
 def test_rope_block_is_validated_with_the_stage_path(tmp_path):
     msg = error(tmp_path, BASE, ["stages.1.rope.rope_type=banana"])
-    assert "`stages[1].rope" in msg and "banana" in msg
+    assert "stages[1].rope.rope_type = 'banana'" in msg and "yarn" in msg
+    msg = error(tmp_path, BASE, ["stages.1.rope.factr=2.0"])
+    assert "stages[1].rope.factr" in msg and "factor" in msg
 
 
 def test_override_errors(tmp_path):
