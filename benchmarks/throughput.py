@@ -52,6 +52,40 @@ class Result:
     peak_gib: float | None = None
     step_s: float | None = None
     error: str | None = None
+    profile: dict | None = None  # share of GPU kernel time per category (--profile)
+
+
+# Kernel-name patterns per category, first match wins (names as the CUDA profiler reports them).
+PROFILE_CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("norm/rope/swiglu (fused)", ("_rmsnorm", "_swiglu", "_rope")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90", "wgmma")),
+    ("loss epilogue / elementwise", ("triton", "elementwise", "reduce", "softmax", "copy", "fill", "cat")),
+)
+_LAST_STEP: list = [None]
+
+
+def profile_step(step) -> dict:
+    """GPU kernel time of one training step by category (single GPU: no communication; data is synthetic)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        name = ev.key.lower()
+        cat = next((c for c, keys in PROFILE_CATEGORIES if any(k in name for k in keys)), "other")
+        totals[cat] = totals.get(cat, 0.0) + us
+    all_us = sum(totals.values())
+    out = {c: round(100 * t / all_us, 1) for c, t in sorted(totals.items(), key=lambda x: -x[1])}
+    out["kernel_ms"] = round(all_us / 1e3, 1)
+    return out
 
 
 def doc_lengths(seq: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -129,6 +163,7 @@ def run_longtrain(margs: ModelArgs, seq: int, docs: list[int] | None, device: to
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    _LAST_STEP[0] = step
     return _timed_steps(step, device, steps, warmup)
 
 
@@ -187,6 +222,8 @@ def worker(a: argparse.Namespace) -> Result:
     except (ImportError, NotImplementedError) as e:
         res.error = f"skipped: {str(e)[:120]}"
         return res
+    if a.profile and device.type == "cuda" and a.side == "longtrain":
+        res.profile = profile_step(_LAST_STEP[0])
     res.step_s = sec
     res.tokens_per_s = a.seq / sec
     peak = device_peak_flops(device)
@@ -237,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attn", default="auto", help="longtrain attention backend")
     p.add_argument("--no-fused", action="store_true", help="longtrain without the fused RMSNorm/RoPE/SwiGLU")
     p.add_argument("--compile", action="store_true", help="torch.compile each longtrain block")
+    p.add_argument("--profile", action="store_true", help="longtrain: GPU kernel time by category, one step")
     p.add_argument("--doc-min", type=int, default=2048)
     p.add_argument("--doc-max", type=int, default=16384)
     p.add_argument("--timeout", type=int, default=900, help="seconds per side process")
@@ -260,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--model", a.model, "--steps", str(a.steps), "--warmup", str(a.warmup), "--ac", a.ac,
                    "--attn", a.attn, "--doc-min", str(a.doc_min), "--doc-max", str(a.doc_max)]
     passthrough += (["--no-fused"] if a.no_fused else []) + (["--compile"] if a.compile else [])
+    passthrough += ["--profile"] if a.profile else []
     passthrough += ["--smoke"] if a.smoke else []
     for side, seq, layout in jobs:
         if a.inline:
@@ -278,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{side} {seq} {layout}: {time.time() - t0:.0f}s {res}", flush=True)
         results.append(res)
     print_table(results)
+    for r in results:
+        if r.profile:
+            print(f"profile {r.side} {r.seq} {r.layout}: {r.profile}")
     if a.json:
         a.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0 if all(r.error is None or r.error.startswith(("OOM", "skipped")) for r in results) else 1
