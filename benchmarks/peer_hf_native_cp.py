@@ -1,0 +1,122 @@
+"""Peer for benchmarks/cp_scaling.py: Hugging Face transformers + PyTorch's native context parallelism
+(`torch.distributed.tensor.experimental.context_parallel`, the engine behind accelerate's `cp_size`) +
+liger-kernel's fused linear cross-entropy, FSDP2 over the cp ranks, SDPA + gradient checkpointing.
+
+This is what a user gets from `accelerate launch` with `parallelism_config.cp_size = N`: the same pieces,
+without accelerate's wrapper, so the benchmark controls the timing loop. Run under torchrun:
+
+    torchrun --nproc-per-node 2 benchmarks/peer_hf_native_cp.py --flavor llama3.2-1b --tokens-per-gpu 32768,65536
+
+liger-kernel is carried to the GPU machine as a wheel (pure Python); without it the loss is HF's own
+(full logits), which is then named in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from longtrain.model.args import model_flavor
+from longtrain.trainer.flops import device_peak_flops, flops_per_token, mfu
+
+
+def build_hf(flavor: str, device: torch.device, mesh):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longtrain.model.hf import hf_config
+
+    margs = model_flavor(flavor)
+    cfg = LlamaConfig(**hf_config(margs, torch.bfloat16), attn_implementation="sdpa")
+    cfg.use_cache = False
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model, margs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--flavor", default="llama3.2-1b")
+    p.add_argument("--tokens-per-gpu", default="32768,65536,131072")
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=timedelta(minutes=10))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        flce, loss_name = LigerFusedLinearCrossEntropyLoss(reduction="sum"), "liger-flce"
+    except ImportError:
+        flce, loss_name = None, "hf-full-logits"
+    for tpg in (int(t) for t in a.tokens_per_gpu.split(",")):
+        seq = tpg * world
+        result = {"side": "hf+native-cp+liger", "loss": loss_name, "cp": world, "tokens_per_gpu": tpg, "seq_len": seq}
+        try:
+            model, margs = build_hf(a.flavor, device, mesh)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, margs.vocab_size, (1, seq + 1), generator=gen).to(device)
+            inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+            positions = torch.arange(seq, device=device)[None]
+
+            def step():
+                # context_parallel shards the buffers in place (round-robin load balancing) and swaps SDPA
+                # for ring attention inside the context.
+                buf = [inputs.clone(), labels.clone(), positions.clone()]
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]), \
+                        context_parallel(mesh, buffers=buf, buffer_seq_dims=[1, 1, 1]):
+                    hidden = model.model(input_ids=buf[0], position_ids=buf[2]).last_hidden_state
+                    h = hidden.reshape(-1, hidden.shape[-1])
+                    if flce is not None:
+                        loss = flce(model.lm_head.weight, h, buf[1].reshape(-1))
+                    else:
+                        loss = torch.nn.functional.cross_entropy(model.lm_head(h).float(), buf[1].reshape(-1),
+                                                                 reduction="sum")
+                    (loss / seq).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step()
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / a.steps
+            tps = seq / dt / world
+            result.update(status="ok", step_s=dt, tokens_per_s_per_gpu=tps,
+                          mfu=mfu(tps, flops_per_token(margs, seq), device_peak_flops(device)),
+                          peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+            del model, opt
+        except torch.OutOfMemoryError:
+            result.update(status="OOM")
+        except Exception as e:  # a peer failing is a result to report, not a crash of the sweep
+            result.update(status=f"error: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
+        if rank == 0:
+            print(json.dumps(result), flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
