@@ -1,0 +1,515 @@
+"""Which RoPE method extends best? One base model, every method of the rope registry, the same budget (issue 11).
+
+    python benchmarks/rope_methods.py --config benchmarks/configs/rope_methods_cpu.yaml --out DIR
+
+1. A base model is trained at a short context L through the trainer (`longtrain.trainer.train.train` on a recipe
+   generated here), on real text (Python standard-library sources, a training split) mixed with passkey samples,
+   then exported once as a Hugging Face directory.
+2. For every method and every extension factor f (4 and 8), the base model is (a) evaluated with the method's rope
+   swapped in and no training (the training-free row), and (b) fine-tuned at length f * L through the trainer from
+   the exported base, with the same data, steps, tokens per step and learning-rate schedule for every method,
+   then evaluated.
+3. Every model is evaluated with `longtrain.eval.evaluate` (what `longtrain eval` runs) at 1x, 2x, 4x and 8x L:
+   sliding-window perplexity on held-out standard-library documents (never trained on; each cut to 8L tokens, so
+   every length scores the same tokens) and passkey accuracy over depths.
+4. DIR receives results.jsonl (one row per evaluated model), report.md (tables) and PNG plots.
+
+Methods (benchmark name -> rope registry type): default (plain RoPE, no scaling), abf (default with a larger
+rope_theta, Xiong et al. 2023), linear (PI, Chen et al. 2023), dynamic (dynamic NTK), ntk (static NTK-aware),
+yarn (Peng et al. 2023), llama3 (Llama 3.1), longrope (Ding et al. 2024; factors searched here, see
+`search_longrope`), resonance (Wang et al. 2024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts, not a package
+
+from rope_methods_report import write_report  # noqa: E402
+from longtrain.model.rope import ROPE_METHODS, hf_max_position_embeddings, rotary_dim, validate_rope  # noqa: E402
+
+# Benchmark method -> the registry rope_type it exercises. Every registry type must appear (checked below).
+METHOD_TYPES: dict[str, str] = {"default": "default", "abf": "default", "linear": "linear", "dynamic": "dynamic",
+                                "ntk": "ntk", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope",
+                                "resonance": "resonance"}
+assert set(METHOD_TYPES.values()) == set(ROPE_METHODS), "a rope registry type has no benchmark method"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelSection:
+    flavor: str = "debug"  # a longtrain MODEL_FLAVORS name, randomly initialised
+    overrides: dict = field(default_factory=dict)  # ModelArgs changes (max_position_embeddings is set to L)
+    tokenizer: str = "builtin"  # builtin | builtin:N | a tokenizer directory
+    init_seed: int = 0
+
+
+@dataclass
+class BaseSection:
+    seq_len: int  # L, the short context the base model is trained at
+    steps: int
+    micro_batch: int = 8
+    lr: float = 3.0e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class ExtensionSection:
+    factors: list[int] = field(default_factory=lambda: [4, 8])  # target lengths f * L
+    steps: int = 20  # the same for every method
+    tokens_per_step: int = 4096  # the same for every method and factor; a multiple of f * L
+    lr: float = 1.0e-3
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DataSection:
+    text_weight: float = 0.5  # token shares of the training mix
+    passkey_weight: float = 0.5
+    passkey_digits: int = 3
+    min_chars: int = 20000  # standard-library files at least this long are documents
+    heldout_every: int = 8  # every k-th document (sorted path order) is held out for evaluation
+    heldout_docs: int = 8  # held-out documents evaluated, each cut to the longest eval length
+    train_docs: int = 0  # training documents used at most (0: all of the training split)
+    seed: int = 1234
+
+
+@dataclass
+class EvalSection:
+    multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # eval lengths in units of L
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    samples: int = 4  # passkey sequences per (length, depth)
+    batch_size: int = 4
+    attention: str = "reference"  # the eval attention backend (auto on GPU)
+
+
+@dataclass
+class LongropeSearch:
+    """LongRoPE's per-frequency factors, searched on the base model (see `search_longrope`)."""
+
+    exponents: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
+    overshoot: list[float] = field(default_factory=lambda: [1.0, 1.25])  # lowest frequency's factor / f
+    docs: int = 2  # training-split documents scored per candidate
+    windows: int = 4  # windows of f * L tokens scored per candidate
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    base: BaseSection
+    model: ModelSection = field(default_factory=ModelSection)
+    extension: ExtensionSection = field(default_factory=ExtensionSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    longrope_search: LongropeSearch = field(default_factory=LongropeSearch)
+    methods: list[str] = field(default_factory=lambda: list(METHOD_TYPES))
+    method_options: dict = field(default_factory=dict)  # per method: rope keys overriding the recommended ones
+    abf_theta: float = 500000.0  # Xiong et al. 2023 raise the base from 10,000 to 500,000
+    dtype: str = "auto"  # model dtype in training (auto: bf16 on GPU, fp32 on CPU)
+    attention: str = "auto"  # training attention backend
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    keep_checkpoints: bool = False  # keep each fine-tuned run's checkpoint after its evaluation
+
+
+def _build(tp, value, where: str):
+    """YAML data -> dataclass `tp`, refusing unknown and missing keys (the message names the key and file)."""
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping with keys {', '.join(f.name for f in fields(tp))}, "
+                             f"got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in fields(tp)]
+        for k in value:
+            if k not in names:
+                raise ValueError(f"{where}.{k} is not a key; valid keys: {', '.join(names)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as e:  # a required key is missing
+            raise ValueError(f"{where}: {e}; required keys: "
+                             f"{', '.join(f.name for f in fields(tp) if f.default is f.default_factory)}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} = {value!r} must be a list")
+        return [_build(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    check = origin or tp
+    if not isinstance(value, check) or (check is int and isinstance(value, bool)):
+        raise ValueError(f"{where} = {value!r} must be of type {getattr(tp, '__name__', tp)}")
+    return value
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> BenchConfig:
+    """Read and check a benchmark config (YAML or JSON).
+
+    Args:
+        path: the file.
+        overrides: top-level sections deep-merged over the file's (used by tests).
+
+    Returns:
+        The checked BenchConfig.
+
+    Raises:
+        ValueError: a missing file, an unknown or missing key, a bad value (naming file, key, value and what is
+            allowed).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: benchmark config not found")
+    raw = yaml.safe_load(p.read_text())
+    for k, v in (overrides or {}).items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    cfg = _build(BenchConfig, raw, str(p))
+    _check(cfg, str(p))
+    return cfg
+
+
+def _check(cfg: BenchConfig, where: str) -> None:
+    for m in cfg.methods:
+        if m not in METHOD_TYPES:
+            raise ValueError(f"{where}: methods has {m!r}; valid: {', '.join(METHOD_TYPES)}")
+    for m in cfg.method_options:
+        if m not in cfg.methods:
+            raise ValueError(f"{where}: method_options.{m} names a method not in methods ({', '.join(cfg.methods)})")
+    L, ext = cfg.base.seq_len, cfg.extension
+    for f in ext.factors:
+        if f < 2:
+            raise ValueError(f"{where}: extension.factors has {f}; factors are integers >= 2")
+        if ext.tokens_per_step % (f * L):
+            raise ValueError(f"{where}: extension.tokens_per_step = {ext.tokens_per_step} must be a multiple of "
+                             f"factor x base.seq_len = {f} x {L} = {f * L} (same tokens per step for every factor)")
+    if ext.steps < 1 or cfg.base.steps < 1:
+        raise ValueError(f"{where}: base.steps and extension.steps must be >= 1")
+    if not cfg.eval.multiples or min(cfg.eval.multiples) < 1:
+        raise ValueError(f"{where}: eval.multiples = {cfg.eval.multiples} must be non-empty integers >= 1")
+    if cfg.data.heldout_every < 2 or cfg.data.heldout_docs < 1:
+        raise ValueError(f"{where}: data.heldout_every must be >= 2 and data.heldout_docs >= 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Methods: the recommended hyper-parameters of each paper at extension factor f from original length L
+
+
+def method_rope(cfg: BenchConfig, method: str, f: int, theta: float, long_factor: list[float] | None = None
+                ) -> tuple[dict, int]:
+    """The rope block of `method` for extending L to f * L, and the config.json max_position_embeddings.
+
+    Raises:
+        ValueError: an unknown method, a longrope without searched factors, or an invalid block.
+    """
+    L = cfg.base.seq_len
+    match method:
+        case "default":  # no scaling: fine-tuning alone must teach the new positions
+            rope = {"rope_type": "default", "rope_theta": theta}
+        case "abf":  # adjusted base frequency: one larger base for any factor (Xiong et al. 2023, arXiv:2309.16039)
+            rope = {"rope_type": "default", "rope_theta": cfg.abf_theta}
+        case "linear":  # position interpolation: every frequency / f (Chen et al. 2023, arXiv:2306.15595)
+            rope = {"rope_type": "linear", "rope_theta": theta, "factor": float(f)}
+        case "dynamic":  # dynamic NTK as transformers computes it: the base grows with the current length
+            rope = {"rope_type": "dynamic", "rope_theta": theta, "factor": float(f)}
+        case "ntk":  # static NTK-aware: base * f^(d/(d-2)) (bloc97 2023)
+            rope = {"rope_type": "ntk", "rope_theta": theta, "factor": float(f)}
+        case "yarn":  # the paper's defaults: beta_fast 32, beta_slow 1, temperature 0.1 ln f + 1 (arXiv:2309.00071)
+            rope = {"rope_type": "yarn", "rope_theta": theta, "factor": float(f), "beta_fast": 32.0,
+                    "beta_slow": 1.0, "original_max_position_embeddings": L}
+        case "llama3":  # Llama 3.1's band edges: low_freq_factor 1, high_freq_factor 4
+            rope = {"rope_type": "llama3", "rope_theta": theta, "factor": float(f), "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": L}
+        case "longrope":  # searched long factors; short factors 1 (plain RoPE up to L) (arXiv:2402.13753)
+            if long_factor is None:
+                raise ValueError("longrope needs its searched long_factor (search_longrope)")
+            rope = {"rope_type": "longrope", "rope_theta": theta, "short_factor": [1.0] * len(long_factor),
+                    "long_factor": list(long_factor), "factor": float(f), "original_max_position_embeddings": L}
+        case "resonance":  # Resonance over YaRN (the paper's strongest pairing, arXiv:2403.00071)
+            rope = {"rope_type": "resonance", "rope_theta": theta, "factor": float(f),
+                    "original_max_position_embeddings": L, "base_type": "yarn"}
+        case other:
+            raise ValueError(f"unknown method {other!r}; valid: {', '.join(METHOD_TYPES)}")
+    rope = validate_rope(rope | cfg.method_options.get(method, {}), f"method {method}")
+    return rope, hf_max_position_embeddings(rope, f * L)
+
+
+def longrope_candidates(f: int, n: int, search: LongropeSearch) -> list[tuple[str, list[float]]]:
+    """Monotone per-frequency factors 1 + (f*m - 1) * (i / (n - 1)) ** p for i < n (highest frequency first).
+
+    LongRoPE's search finds that high frequencies need little interpolation and low ones up to or beyond f
+    (arXiv:2402.13753, sec. 3); this family spans that shape (p = 0 with m = 1 is PI, large p keeps more dims).
+    """
+    out = []
+    for p in search.exponents:
+        for m in search.overshoot:
+            lam = [1.0 + (f * m - 1.0) * ((i / (n - 1)) ** p if p > 0 else 1.0) for i in range(n)]
+            out.append((f"p={p:g}, m={m:g}", lam))
+    return out
+
+
+def search_longrope(model, cfg: BenchConfig, f: int, docs: list[list[int]], theta: float
+                    ) -> tuple[list[float], list[dict]]:
+    """LongRoPE factors for f: the candidate with the lowest training-free perplexity of the base model at f * L.
+
+    LongRoPE searches per-frequency factors by the base model's perplexity at the target length (evolutionary
+    search, arXiv:2402.13753); on a CPU budget this is a grid over `longrope_candidates`, scored on
+    training-split documents (never the held-out evaluation documents).
+
+    Returns:
+        (the chosen long_factor, one row per candidate: name, perplexity).
+    """
+    from longtrain.eval.perplexity import perplexity_at_length
+
+    L = cfg.base.seq_len
+    n = rotary_dim(model.args.head_dim, model.args.rope) // 2
+    old = (dict(model.args.rope), model.args.max_position_embeddings)
+    rows, best = [], None
+    try:
+        for name, lam in longrope_candidates(f, n, cfg.longrope_search):
+            rope, max_pos = method_rope(cfg, "longrope", f, theta, lam)
+            model.set_rope(rope, max_pos)
+            with torch.no_grad():
+                r = perplexity_at_length(model, docs, f * L, batch_size=cfg.eval.batch_size,
+                                         max_windows=cfg.longrope_search.windows)
+            rows.append({"candidate": name, "ppl": r.ppl, "long_factor": lam})
+            if best is None or r.ppl < best[0]:
+                best = (r.ppl, lam)
+    finally:
+        model.set_rope(*old)
+    return best[1], rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, training, evaluation
+
+
+def prepare_data(cfg: BenchConfig, out: Path, tok) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """Split the standard-library documents: a training file, held-out eval token lists, longrope search lists.
+
+    Returns:
+        (train .jsonl, held-out documents cut to the longest eval length, training-split search documents).
+
+    Raises:
+        ValueError: too few documents are long enough.
+    """
+    from longtrain.data.corpus import stdlib_documents
+
+    d = cfg.data
+    docs = sorted(stdlib_documents(min_chars=d.min_chars))
+    held = [text for i, (_, text) in enumerate(docs) if i % d.heldout_every == 0]
+    train = [text for i, (_, text) in enumerate(docs) if i % d.heldout_every != 0]
+    train = train[:d.train_docs] if d.train_docs else train
+    path = out / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = "".join(json.dumps({"text": text}) + "\n" for text in train)
+    if not path.is_file() or path.read_text(encoding="utf-8") != content:  # unchanged: the token cache stays valid
+        path.write_text(content, encoding="utf-8")
+    longest = max(cfg.eval.multiples) * cfg.base.seq_len
+    heldout = [ids[:longest] for ids in tok.encode_batch(held) if len(ids) >= longest][:d.heldout_docs]
+    if len(heldout) < d.heldout_docs:
+        raise ValueError(f"data: only {len(heldout)} held-out documents have {longest} tokens, "
+                         f"data.heldout_docs = {d.heldout_docs}; lower it or data.min_chars / base.seq_len")
+    search_len = max(cfg.extension.factors) * cfg.base.seq_len
+    search = [ids for ids in tok.encode_batch(train[:4 * cfg.longrope_search.docs]) if len(ids) >= search_len]
+    return path, heldout, search[:cfg.longrope_search.docs]
+
+
+def _recipe(cfg: BenchConfig, name: str, run_dir: Path, model: dict, stage: dict, train: dict, data_path: Path,
+            source: str):
+    from longtrain.config import build_recipe
+
+    d = cfg.data
+    raw = {"name": name, "run_dir": str(run_dir), "model": model,
+           "data": {"sources": [{"path": str(data_path), "weight": d.text_weight},
+                                {"path": "synthetic:passkey", "weight": d.passkey_weight,
+                                 "options": {"digits": d.passkey_digits, "filler": "repeat"}}],
+                    "packing": "continuous", "seed": d.seed},
+           "train": {"optimizer": {"name": "adamw", "lr": train["lr"], "betas": [0.9, 0.95], "weight_decay": 0.0},
+                     "schedule": {"warmup_steps": train["warmup_steps"], "decay": "cosine",
+                                  "min_lr_ratio": train["min_lr_ratio"]},
+                     "micro_batch": train["micro_batch"], "grad_clip": 1.0, "resume": "never", "seed": 0},
+           "checkpoint": {"every_steps": 0, "keep_last": 1},
+           "logging": {"every_steps": 10, "progress_bar": False, "plot": False},
+           "stages": [stage]}
+    return build_recipe(raw, file=source)
+
+
+def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tuple[Path, float]:
+    """Train the base model at L through the trainer; returns its run directory and last loss."""
+    from longtrain.trainer.train import train
+
+    b = cfg.base
+    model = {"flavor": cfg.model.flavor, "overrides": {**cfg.model.overrides, "max_position_embeddings": b.seq_len},
+             "tokenizer": cfg.model.tokenizer, "dtype": cfg.dtype, "attention": cfg.attention,
+             "init_seed": cfg.model.init_seed}
+    recipe = _recipe(cfg, "base", out / "runs" / "base", model, {"name": "base", "seq_len": b.seq_len,
+                                                                  "steps": b.steps},
+                     {"lr": b.lr, "warmup_steps": b.warmup_steps, "min_lr_ratio": b.min_lr_ratio,
+                      "micro_batch": b.micro_batch}, data_path, f"{source} (generated base recipe)")
+    res = train(recipe)
+    return Path(recipe.run_dir), res.losses[max(res.losses)]
+
+
+def train_extension(cfg: BenchConfig, out: Path, base_hf: Path, method: str, f: int, rope: dict, max_pos: int,
+                    data_path: Path, source: str) -> tuple[Path, float]:
+    """Fine-tune the exported base at f * L with `rope`; the same budget for every method."""
+    from longtrain.trainer.train import train
+
+    e, L = cfg.extension, cfg.base.seq_len
+    model = {"path": str(base_hf), "tokenizer": cfg.model.tokenizer, "dtype": cfg.dtype, "attention": cfg.attention}
+    stage = {"name": f"{method}-{f}x", "seq_len": f * L, "steps": e.steps, "rope": rope,
+             "max_position_embeddings": max_pos}
+    recipe = _recipe(cfg, f"{method}-{f}x", out / "runs" / f"{method}-{f}x", model, stage,
+                     {"lr": e.lr, "warmup_steps": e.warmup_steps, "min_lr_ratio": e.min_lr_ratio,
+                      "micro_batch": e.tokens_per_step // (f * L)}, data_path,
+                     f"{source} (generated {method} {f}x recipe)")
+    res = train(recipe)
+    return Path(recipe.run_dir), res.losses[max(res.losses)]
+
+
+def evaluate_model(model, tok, cfg: BenchConfig, heldout: list[list[int]], name: str) -> dict:
+    """Perplexity on the held-out documents and passkey accuracy at every eval length (longtrain.eval)."""
+    from longtrain.eval.evaluate import evaluate
+
+    L = cfg.base.seq_len
+    lengths = [m * L for m in cfg.eval.multiples]
+    res = evaluate(model, tok, lengths, tasks=["perplexity", "passkey"], depths=cfg.eval.depths,
+                   samples=cfg.eval.samples, name=name, data=heldout, packing="document",
+                   batch_size=cfg.eval.batch_size, attention=cfg.eval.attention,
+                   task_options={"passkey": {"digits": cfg.data.passkey_digits, "filler": "repeat"}})
+    grid = res["retrieval"]["passkey"]
+    return {"ppl": {str(m): res["perplexity"][str(m * L)]["ppl"] for m in cfg.eval.multiples},
+            "passkey": {str(m): a for m, a in zip(cfg.eval.multiples, grid["by_length"])},
+            "passkey_grid": grid["accuracy"], "eval_seconds": res["seconds"]}
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def run(cfg: BenchConfig, out: Path, source: str) -> list[dict]:
+    """The whole benchmark; writes results.jsonl, report.md and the plots into `out`.
+
+    Returns:
+        The result rows (base, then per factor and method: training-free and fine-tuned).
+    """
+    from longtrain.data.tokenizer import load_tokenizer
+    from longtrain.eval.load import load_for_eval
+    from longtrain.model.hf import save_hf
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    results.unlink(missing_ok=True)
+    meta = {"config": asdict(cfg), "config_file": source, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "load_before": os.getloadavg(), "timings": {}}
+    t0 = time.time()
+    tok = load_tokenizer(cfg.model.tokenizer)
+    data_path, heldout, search_docs = prepare_data(cfg, out, tok)
+    meta["heldout"] = {"documents": len(heldout), "tokens_each": len(heldout[0])}
+
+    t = time.time()
+    base_run, base_loss = train_base(cfg, out, data_path, source)
+    meta["timings"]["base_train_s"] = time.time() - t
+    model, _, _ = load_for_eval(base_run, device="cpu")
+    base_hf = save_hf(model, out / "base_hf", overwrite=True)
+    model = model.to(device)
+    theta = float(model.args.rope["rope_theta"])
+    meta["model"] = {"params": sum(p.numel() for p in model.parameters()), "args": asdict(model.args)}
+    base_row = {"method": "base", "factor": 1, "steps": 0, "rope": dict(model.args.rope),
+                "max_position_embeddings": model.args.max_position_embeddings, "train_loss": base_loss,
+                **evaluate_model(model, tok, cfg, heldout, "base")}
+    _append(results, base_row)
+    rows = [base_row]
+    print(f"base: loss {base_loss:.3f}, ppl {base_row['ppl']}, passkey {base_row['passkey']}", flush=True)
+
+    ropes: dict[tuple[str, int], tuple[dict, int]] = {}
+    meta["longrope_search"] = {}
+    for f in cfg.extension.factors:
+        for method in cfg.methods:
+            lam = None
+            if method == "longrope":
+                t = time.time()
+                lam, table = search_longrope(model, cfg, f, search_docs, theta)
+                meta["longrope_search"][str(f)] = {"candidates": table, "seconds": time.time() - t}
+            ropes[method, f] = method_rope(cfg, method, f, theta, lam)
+
+    t = time.time()
+    cache: dict[str, dict] = {}  # identical (rope, max_pos) pairs (default, abf at 4x and 8x) are scored once
+    for (method, f), (rope, max_pos) in ropes.items():
+        key = json.dumps([rope, max_pos], sort_keys=True)
+        if key not in cache:
+            model.set_rope(rope, max_pos)
+            cache[key] = evaluate_model(model, tok, cfg, heldout, f"{method} {f}x training-free")
+        row = {"method": method, "factor": f, "steps": 0, "rope": rope, "max_position_embeddings": max_pos,
+               "train_loss": None, **cache[key]}
+        _append(results, row)
+        rows.append(row)
+        print(f"{method} {f}x training-free: ppl {row['ppl']}, passkey {row['passkey']}", flush=True)
+    meta["timings"]["training_free_eval_s"] = time.time() - t
+    del model
+
+    t_train = t_eval = 0.0
+    for (method, f), (rope, max_pos) in ropes.items():
+        t = time.time()
+        run_dir, loss = train_extension(cfg, out, base_hf, method, f, rope, max_pos, data_path, source)
+        t_train += time.time() - t
+        t = time.time()
+        tuned, _, _ = load_for_eval(run_dir, device=device)
+        row = {"method": method, "factor": f, "steps": cfg.extension.steps, "rope": rope,
+               "max_position_embeddings": max_pos, "train_loss": loss,
+               **evaluate_model(tuned, tok, cfg, heldout, f"{method} {f}x fine-tuned")}
+        t_eval += time.time() - t
+        del tuned
+        if not cfg.keep_checkpoints:
+            import shutil
+
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        _append(results, row)
+        rows.append(row)
+        print(f"{method} {f}x fine-tuned: loss {loss:.3f}, ppl {row['ppl']}, passkey {row['passkey']}", flush=True)
+    meta["timings"] |= {"extension_train_s": t_train, "extension_eval_s": t_eval, "total_s": time.time() - t0}
+    meta["load_after"] = os.getloadavg()
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    write_report(rows, meta, out)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="benchmarks/configs/rope_methods_{cpu,gpu}.yaml")
+    p.add_argument("--out", required=True, help="output folder: results.jsonl, meta.json, report.md, PNGs")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    run(cfg, Path(args.out), args.config)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
