@@ -136,6 +136,8 @@ def args_from_hf_config(cfg: dict, where: str = "config.json", rope: dict | None
         NotImplementedError: an activation other than silu, or per-layer rope blocks.
     """
     archs = cfg.get("architectures")
+    if archs is None and cfg.get("model_type") in MODEL_TYPES.values():  # as AutoModelForCausalLM does
+        archs = [next(a for a, t in MODEL_TYPES.items() if t == cfg["model_type"])]
     if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ValueError(f"{where}: architectures={archs!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     arch = archs[0]

@@ -239,6 +239,11 @@ def test_error_unknown_architecture(src: Path):
     with pytest.raises(ValueError, match=r"config\.json: architectures=\['GPT2LMHeadModel'\] is not supported; "
                                          r"supported: LlamaForCausalLM, MistralForCausalLM"):
         load_hf(src)
+    write_config(src, architectures=None, model_type="gpt2")
+    with pytest.raises(ValueError, match=r"architectures=None is not supported; supported: LlamaForCausalLM"):
+        load_hf(src)
+    write_config(src, model_type="llama")  # no architectures: taken from model_type, as transformers does
+    assert load_hf(src).args.architecture == "LlamaForCausalLM"
 
 
 def test_error_missing_tensor(src: Path):
