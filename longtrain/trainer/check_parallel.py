@@ -278,9 +278,10 @@ def _resolve(args: argparse.Namespace) -> dict:
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[resolve_dtype(recipe.model.dtype, device)]
     dtype_name = _first(args.dtype, dtype, "fp32")
     cp = _first(args.cp, par.cp if par else None, world)
-    return dict(model_args=mcfg_args, seq_len=_first(args.seq_len, seq_len, 77), cp=cp,
-                mode=_first(args.cp_mode, par.cp_mode if par else None, "ring"), layout=args.cp_layout,
-                ulysses=_first(args.ulysses, par.ulysses if par else None, 1),
+    mode = _first(args.cp_mode, par.cp_mode if par else None, "ring")
+    ulysses = cp if mode == "ulysses" else _first(args.ulysses, par.ulysses if par else None, 1)
+    return dict(model_args=mcfg_args, seq_len=_first(args.seq_len, seq_len, 77), cp=cp, mode=mode,
+                layout=args.cp_layout, ulysses=ulysses,
                 dp_shard=_first(args.dp_shard, par.dp_shard if par else None, -1),
                 dp_replicate=_first(args.dp_replicate, par.dp_replicate if par else None, 1),
                 sharding=_first(args.sharding, par.backend if par else None, "fsdp2"),
