@@ -12,6 +12,7 @@ One step (torchtitan `train.py` forward_backward_step, PITFALLS.md "Loss and gra
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import random
 import signal
@@ -167,6 +168,11 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
         TrainingError: more than train.max_bad_steps NaN/inf steps.
         ValueError: a bad resume path or a batch size that does not divide.
     """
+    wb = recipe.logging.wandb
+    if wb is not None and wb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        # Before anything is built: a missing logger should not cost a model load.
+        raise ImportError("the recipe's logging.wandb block needs the wandb package: "
+                          "pip install 'longtrain[wandb]' (or remove logging.wandb)")
     info = info or init_distributed()
     run_dir = Path(recipe.run_dir)
     if info.is_main:

@@ -121,3 +121,26 @@ def test_checkpoints_keep_last_and_latest_link(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-4"]
     assert (root / "latest").resolve().name == "step-4"
     assert (tmp_path / "run" / "recipe.yaml").is_file() and len(metrics(tmp_path / "run")) == 4
+
+
+def test_wandb_block_logs_offline_or_names_the_missing_package(tmp_path):
+    stage = [{"name": "s", "seq_len": SEQ, "steps": 1}]
+    r = recipe(tmp_path, "logging.wandb={project: t, mode: offline}", stages=stage)
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"logging.wandb block needs the wandb package.*longtrain\[wandb\]"):
+            train(r)
+        return
+    res = train(r)  # offline mode: no network needed, files under run_dir/wandb
+    assert res.status == "done" and (tmp_path / "run" / "wandb").is_dir()
+
+
+def test_cli_reports_recipe_errors_in_one_paragraph(tmp_path, capsys):
+    from longtrain.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: {flavor: debug}\nstages: [{name: s, seq_len: 64, stepz: 3}]\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key `stages[0].stepz` (did you mean 'steps'?)" in err and str(path) in err
