@@ -77,7 +77,8 @@ def _story(rng: random.Random) -> str:
             f"Nobody knew why the {noun} had been {verb} twice before the {time}.",
             f"{name} wrote {n} in the notebook and drew a {adj} {noun} beside it.",
         ]))
-    sentences.append(rng.choice([f"In the end, {name} and {friend} went home.", f"That was the year of the {rng.choice(_NOUNS)}.",
+    sentences.append(rng.choice([f"In the end, {name} and {friend} went home.",
+                                 f"That was the year of the {rng.choice(_NOUNS)}.",
                                  f"{friend} still keeps the {rng.choice(_NOUNS)} in {rng.choice(_PLACES)}."]))
     return " ".join(sentences)
 

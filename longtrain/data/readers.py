@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from longtrain.data.pack import Document
-from longtrain.data.sources import (BadRecordError, SourceSpec, SourceStats, file_signature, iter_records,
-                                    resolve_files, to_document, tokenize_record, _check_value, _PIPELINE_VERSION)
+from longtrain.data.sources import (PIPELINE_VERSION, BadRecordError, SourceSpec, SourceStats, check_value,
+                                    file_signature, iter_records, resolve_files, to_document, tokenize_record)
 from longtrain.data.synthetic import (common_words_sample, needle_sample, passkey_sample, shuffled_chunks_sample,
                                      variable_tracking_sample)
 from longtrain.data.tokenizer import Tokenizer
@@ -60,7 +60,7 @@ def _normalize_saved(batch: dict, indices: list[int], name: str, text_field: str
                      on_bad_record: str) -> dict:
     out = {"text": [], "messages": [], "_file": [], "_line": [], "_error": []}
     for value, i in zip(batch[messages_field or text_field], indices):
-        text, messages, err = _check_value({messages_field or text_field: value}, text_field, messages_field,
+        text, messages, err = check_value({messages_field or text_field: value}, text_field, messages_field,
                                            f"{name} row {i}")
         if err and on_bad_record == "error":
             raise BadRecordError(err + " (set data.on_bad_record=skip to skip and count such records)")
@@ -121,14 +121,14 @@ class MapSource:
                     iter_records, features=_features(), cache_dir=cache_dir,
                     gen_kwargs={"files": files, "kind": kind, "text_field": spec.text_field,
                                 "messages_field": spec.messages_field, "on_bad_record": on_bad_record,
-                                "fingerprint": f"v{_PIPELINE_VERSION}-{file_signature(files)}"})
+                                "fingerprint": f"v{PIPELINE_VERSION}-{file_signature(files)}"})
             except datasets.exceptions.DatasetGenerationError as e:
                 _raise_bad_record(e)
         errors = raw.data.column("_error")
         self.stats.records = len(raw)
         for reason in pc.drop_null(errors).to_pylist():
             self.stats.add_bad(reason)
-        fp = f"{raw._fingerprint}-{tok.fingerprint}-v{_PIPELINE_VERSION}"
+        fp = f"{raw._fingerprint}-{tok.fingerprint}-v{PIPELINE_VERSION}"
         good = raw.filter(lambda e: [x is None for x in e], input_columns="_error", batched=True,
                           new_fingerprint=_fp(fp, "good"))
         if len(good) == 0:  # `datasets` skips map() on an empty dataset: say what happened instead

@@ -37,7 +37,7 @@ ON_BAD_RECORD = ("error", "skip")
 _TEXT_EXT = (".txt", ".md", ".text", ".py", ".rst")
 _JSONL_EXT = (".jsonl", ".json")
 _PARQUET_EXT = (".parquet",)
-_PIPELINE_VERSION = 1  # part of every cache fingerprint; bump when tokenization below changes
+PIPELINE_VERSION = 1  # part of every cache fingerprint; bump when tokenization below changes
 
 
 class BadRecordError(ValueError):
@@ -175,8 +175,19 @@ def _record(text: str | None, messages: str | None, file: str, line: int, error:
     return {"text": text, "messages": messages, "_file": file, "_line": line, "_error": error}
 
 
-def _check_value(row: dict, text_field: str, messages_field: str | None, where: str) -> tuple[str | None, str | None, str | None]:
-    """(text, messages as JSON, error) of one decoded row."""
+def check_value(row: dict, text_field: str, messages_field: str | None,
+                where: str) -> tuple[str | None, str | None, str | None]:
+    """Validate one decoded record.
+
+    Args:
+        row: the record.
+        text_field: its text field (used when messages_field is None).
+        messages_field: its chat messages field, or None.
+        where: "file:line" or "file row i", for the error message.
+
+    Returns:
+        (text, messages as JSON, None) for a usable record, (None, None, reason) for a bad one.
+    """
     name = messages_field or text_field
     if name not in row:
         return None, None, f"{where}: missing field {name!r} (fields: {', '.join(map(str, row)) or 'none'})"
@@ -234,7 +245,7 @@ def iter_records(files: list[str], kind: str, text_field: str, messages_field: s
                         if not isinstance(row, dict):
                             yield bad(f"{file}:{line}: expected a JSON object, got {type(row).__name__}")
                             continue
-                        text, messages, err = _check_value(row, text_field, messages_field, f"{file}:{line}")
+                        text, messages, err = check_value(row, text_field, messages_field, f"{file}:{line}")
                         yield bad(err) if err else _record(text, messages, file, line, None)
                 if n_records == 0:
                     yield bad(f"{file}: empty file (no records)")
@@ -266,7 +277,7 @@ def iter_records(files: list[str], kind: str, text_field: str, messages_field: s
                 for rb in pf.iter_batches(columns=[name], batch_size=4096):
                     for value in rb.column(0).to_pylist():
                         line = row_i
-                        text, messages, err = _check_value({name: value}, text_field, messages_field,
+                        text, messages, err = check_value({name: value}, text_field, messages_field,
                                                            f"{file} row {row_i}")
                         yield bad(err) if err else _record(text, messages, file, row_i, None)
                         row_i += 1
@@ -308,5 +319,6 @@ def tokenize_record(tok: Tokenizer, text: str | None, messages: str | None) -> t
 
 
 def to_document(ids: Any, mask: Any, source: int) -> Document:
+    """A packer Document from token ids and a loss mask ([] = every token is a target)."""
     ids = np.asarray(ids, dtype=np.int64)
     return Document(ids, None if len(mask) == 0 else np.asarray(mask, dtype=bool), source=source)

@@ -159,7 +159,8 @@ def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Rando
     fixed = int(tok.add_bos) + len(head) + len(needle) + len(question) + len(answer)
     budget = _fixed_len_or_raise("passkey", seq_len, fixed)
     fill, bounds = _take(_filler_stream(tok, filler, rng), budget)
-    return _assemble(tok, "passkey", seq_len, head, fill, [(_snap(round(depth * budget), bounds), needle)], question, answer,
+    inserts = [(_snap(round(depth * budget), bounds), needle)]
+    return _assemble(tok, "passkey", seq_len, head, fill, inserts, question, answer,
                      depth, f" {key}", {"passkey": key, "filler": filler})
 
 

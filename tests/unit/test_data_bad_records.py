@@ -31,7 +31,8 @@ CASES = [
     ("non_utf8", GOOD[:3] + [b'{"text": "caf\xe9 au lait"}'] + GOOD[3:], 4, "not valid UTF-8"),
     ("corrupt_json", GOOD[:1] + [b'{"text": "unterminated'] + GOOD[1:], 2, "corrupt JSON"),
     ("zero_length", GOOD[:4] + [json.dumps({"text": ""}).encode()] + GOOD[4:], 5, "zero-length document"),
-    ("not_string", GOOD[:2] + [json.dumps({"text": 42}).encode()] + GOOD[2:], 3, "field 'text' must be a string, got int"),
+    ("not_string", GOOD[:2] + [json.dumps({"text": 42}).encode()] + GOOD[2:], 3,
+     "field 'text' must be a string, got int"),
     ("not_object", GOOD[:5] + [b'["a", "list"]'] + GOOD[5:], 6, "expected a JSON object, got list"),
 ]
 

@@ -221,3 +221,11 @@ def test_tokenization_is_cached_and_invalidated(tok, tmp_path):
     with open(path, "a") as f:  # a changed file (size, mtime) is read again
         f.write(json.dumps({"text": "One more."}) + "\n")
     assert build_loader([SourceSpec(str(path))], tok, 32, 1, prefetch=0, cache_dir=str(cache)).stats[0].documents == 21
+
+
+def test_bundled_corpus_is_reproducible():
+    from longtrain.data.corpus import ASSETS, TINY_CHAT, read_tiny_corpus, tiny_chat_conversations, tiny_corpus_documents
+
+    assert read_tiny_corpus() == tiny_corpus_documents()  # the asset is exactly what the generator writes
+    assert [json.loads(line)["messages"] for line in TINY_CHAT.read_text().splitlines()] == tiny_chat_conversations()
+    assert sum(p.stat().st_size for p in ASSETS.iterdir()) < 2_000_000  # package data stays small
