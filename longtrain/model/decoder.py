@@ -142,19 +142,23 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                      doc_ids: Tensor | None = None, mask: AttnMask | None = None) -> Tensor:
+                      doc_ids: Tensor | None = None, mask: AttnMask | None = None,
+                      rope_seq_len: int | None = None) -> Tensor:
         """Final normed hidden states (bs, seqlen, dim), before the output projection.
 
         position_ids: (bs, seqlen) int64 rotary positions (default 0..seqlen-1).
         doc_ids: (bs, seqlen) document of each token for packed sequences (mask follows documents).
         mask: a prebuilt AttnMask (context parallelism passes one with global token indices).
+        rope_seq_len: the length that selects length-dependent rope frequencies (dynamic, longrope);
+            default max(position_ids) + 1 as transformers does. Context parallelism must pass the global
+            value: each shard's own maximum differs, and so would its frequencies.
         """
         bs, seqlen = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seqlen, device=input_ids.device).expand(bs, seqlen)
         if mask is None:
             mask = AttnMask.causal(bs, seqlen, input_ids.device, doc_ids, self.args.sliding_window)
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids, rope_seq_len)
         # Qwen2/Qwen3 may mix sliding-window and full layers: derive one mask per distinct window
         # (a fresh `cache`, since backends cache structures that depend on the window).
         masks: dict[int | None, AttnMask] = {mask.window: mask}

@@ -152,3 +152,17 @@ def test_bf16_keeps_rotary_buffers_fp32(tmp_path: Path):
     assert model(input_ids()).dtype == torch.bfloat16
     # Loading straight into bf16 gives the same fp32 buffer.
     assert load_hf(path, dtype=torch.bfloat16).rotary.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["dynamic", "longrope"])
+@torch.no_grad()
+def test_rope_seq_len_fixes_length_dependent_frequencies(name: str, tmp_path: Path):
+    """A shard of a sequence (here a causal prefix) computed with the full length's rope frequencies equals the
+    full forward on those tokens; with its own length it does not (why context parallelism passes it)."""
+    rope, max_pos = ROPE_CASES[name]
+    _, path = build_hf(LlamaConfig, tmp_path, max_pos, rope)
+    model = load_hf(path)
+    ids, cut = input_ids(), ORIG_LEN - 8  # alone, the prefix would not scale at all (within the original length)
+    full = model.hidden_states(ids)[:, :cut]
+    torch.testing.assert_close(model.hidden_states(ids[:, :cut], rope_seq_len=SEQ_LEN), full, atol=ATOL, rtol=0)
+    assert (model.hidden_states(ids[:, :cut]) - full).abs().max() > ROPE_SENSITIVITY
