@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,12 +68,7 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
 
 def model_args(recipe: Recipe) -> ModelArgs:
     """The model shape of the recipe (flavor + overrides, or the HF directory's config.json)."""
-    if recipe.model.flavor is not None:
-        return recipe.model.model_args()
-    from longtrain.model.hf import args_from_hf_config
-
-    path = Path(recipe.model.path) / "config.json"
-    return args_from_hf_config(json.loads(path.read_text()), str(path))
+    return recipe.model.model_args()
 
 
 def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
