@@ -46,13 +46,14 @@ class Trial:
     filler_weight: float = 1.0
     digits: int = 3
     filler: str = "repeat"  # repeat | random | text (longtrain.data.synthetic)
-    ext_method: str = "linear"  # linear | abf | none
+    ext_method: str = "linear"  # linear | yarn | abf | none
     ext_factor: float = 4.0
     ext_steps: int = 60
     ext_lr: float = 1e-3
     ext_batch: int = 8
     eval_samples: int = 100
     seed: int = 0
+    save: str = ""  # a folder: write the model after each phase as HF dirs base/ and after/ (bf16)
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -151,16 +152,22 @@ def run_trial(t: Trial) -> dict:
                 return L
         return t.base_len
 
+    c0 = time.process_time()
     t0 = time.time()
     load0 = os.getloadavg()[0]
     loss1 = train(model, t, len_at, t.steps, t.batch, t.lr, rng)
     t1 = time.time()
     before = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
-    print(f"base: loss {loss1:.4f} acc {before} in {t1 - t0:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"base: loss {loss1:.4f} acc {before} in {t1 - t0:.0f} s (cpu {time.process_time() - c0:.0f} s), "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    _save(model, t, "base")
     t2 = time.time()
     match t.ext_method:
         case "linear":
             model.set_rope({"rope_type": "linear", "rope_theta": t.rope_theta, "factor": t.ext_factor}, 4 * t.base_len)
+        case "yarn":
+            model.set_rope({"rope_type": "yarn", "rope_theta": t.rope_theta, "factor": t.ext_factor,
+                            "original_max_position_embeddings": t.base_len}, 4 * t.base_len)
         case "abf":
             model.set_rope({"rope_type": "default", "rope_theta": t.rope_theta * t.ext_factor ** 2}, 4 * t.base_len)
         case "none":
@@ -174,11 +181,26 @@ def run_trial(t: Trial) -> dict:
     t4 = time.time()
     after = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
     t5 = time.time()
+    _save(model, t, "after")
     res = {"trial": asdict(t), "lens": lens, "loss_base": round(loss1, 4), "loss_ext": round(loss2, 4),
            "before": before, "ext_no_train": no_train, "after": after,
            "s_base": round(t1 - t0, 1), "s_eval": round(t2 - t1 + t3 - t2 + t5 - t4, 1), "s_ext": round(t4 - t3, 1),
-           "load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+           "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           # CPU seconds of this process: close to the unloaded wall time with THREADS=1, what a shared machine hides
+           "cpu_s": round(time.process_time() - c0, 1)}
     return res
+
+
+def _save(model: Transformer, t: Trial, name: str) -> None:
+    if not t.save:
+        return
+    import tempfile
+
+    from longtrain import save_hf
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer().save(tok_dir)
+        save_hf(model, os.path.join(t.save, name), dtype=torch.bfloat16, tokenizer_dir=tok_dir, overwrite=True)
 
 
 TRIALS: dict[str, dict] = {
