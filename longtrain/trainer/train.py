@@ -63,7 +63,8 @@ class StepStats:
 class _Preemption:
     """SIGTERM (a scheduler preempting the job) sets a flag; the loop checkpoints at the end of the step."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.requested = False
         self.previous = None
 
@@ -82,7 +83,7 @@ class _Preemption:
 
     def agreed(self) -> bool:
         # Every rank must take the same branch (the save is collective): any rank's signal stops all.
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
         return bool(all_reduce(flag, dist.ReduceOp.MAX).item() > 0)
 
 
@@ -119,7 +120,8 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
         batches = [prepare_cp_inputs(b, layout.cp_rank, layout.cp_size, layout.cp_layout, layout.ulysses)
                    for b in batches]
         local_valid = sum(b.num_valid_tokens for b in batches)
-    global_valid = int(all_reduce(torch.tensor([local_valid], dtype=torch.int64)).item())
+    # On the device: NCCL reduces GPU tensors only.
+    global_valid = int(all_reduce(torch.tensor([local_valid], dtype=torch.int64, device=info.device)).item())
     denom = max(global_valid, 1)  # no valid token anywhere: every sum is 0, so is the loss (skipped below)
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
     window = model.args.sliding_window
@@ -205,7 +207,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     if resume_from is not None:
         logger.write(f"resumed from {resume_from} at step {step} (stage {start_stage})")
     result = TrainResult(run_dir, step, bad_steps=bad_steps)
-    preempt = _Preemption()
+    preempt = _Preemption(info.device)
     preempt.install()
     source: BatchSource | None = None
     try:

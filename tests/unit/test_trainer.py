@@ -144,3 +144,35 @@ def test_cli_reports_recipe_errors_in_one_paragraph(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "unknown key `stages[0].stepz` (did you mean 'steps'?)" in err and str(path) in err
+
+
+def test_train_from_a_hugging_face_directory(tmp_path):
+    from longtrain.data.tokenizer import load_tokenizer
+    from longtrain.model.args import model_flavor
+    from longtrain.model.decoder import Transformer
+    from longtrain.model.hf import save_hf
+
+    base = Transformer(model_flavor("debug", n_layers=1))
+    base.init_weights(seed=3)
+    tok_dir = tmp_path / "tok"
+    load_tokenizer("builtin").save(tok_dir)
+    save_hf(base, tmp_path / "base", tokenizer_dir=tok_dir)
+    raw_stage = [{"name": "s", "seq_len": SEQ, "steps": 1}]
+    r = recipe(tmp_path, f"model={{path: {tmp_path / 'base'}}}", stages=raw_stage)
+    assert r.model.tokenizer == str(tmp_path / "base")  # the directory's own tokenizer by default
+    res = train(r)
+    assert res.status == "done"
+    trained = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    # Step 1 starts from the loaded weights: its loss is the base model's loss on the same batch.
+    from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
+    from longtrain.trainer.data import build_batch_source
+
+    source = build_batch_source(r.stages[0].data, load_tokenizer(r.model.tokenizer), SEQ, 1, 0, 1)
+    b = source.next_batch()
+    source.close()
+    with torch.no_grad():
+        expected = linear_cross_entropy(base.hidden_states(b.input_ids, b.position_ids, b.doc_ids),
+                                        base.output_weight, b.labels) / b.num_valid_tokens
+    assert res.losses[1] == pytest.approx(float(expected), rel=1e-6)  # fp32, same model and batch
+    assert not torch.equal(trained.embed_tokens.weight, base.embed_tokens.weight)
+    assert trained.args.rope == base.args.rope
