@@ -17,11 +17,11 @@ import torch.distributed as dist
 from spawn_util import run_ranks
 
 from longtrain.data.batch import IGNORE_INDEX, Batch
-from longtrain.kernels.attention import attention_reference
+from longtrain.kernels.attention import AttnMask, attention_reference
 from longtrain.model.args import model_flavor
 from longtrain.model.decoder import Transformer
-from longtrain.parallel.context_parallel import apply_cp
-from longtrain.parallel.cp_shard import prepare_cp_inputs
+from longtrain.parallel.context_parallel import apply_cp, make_cp_attention
+from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims
 from longtrain.trainer.check_parallel import _loss_sum, check_parallel, make_packed_batches
 
@@ -35,7 +35,52 @@ def _assert_ok(report, what: str) -> None:
     assert report.n_valid_tokens > 0 and report.grad_norm > 0, what
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+
+
+def _attention_parity(world: int, cases: list[tuple[str, str, int]], n_heads: int = 4, n_kv: int = 2) -> None:
+    """Each CP attention's out, lse and dq/dk/dv (through both out and lse) vs the reference on the whole sequence."""
+    bs, seqlen, head_dim, scale = 2, 45, 8, 8 ** -0.5
+    gen = torch.Generator().manual_seed(0)  # the same global tensors on every rank
+    batch = make_packed_batches(1, bs, seqlen, 100, seed=1)[0]
+    q = torch.randn(bs, seqlen, n_heads, head_dim, generator=gen)
+    k, v = (torch.randn(bs, seqlen, n_kv, head_dim, generator=gen) for _ in range(2))
+    w_out = torch.randn(bs, seqlen, n_heads, head_dim, generator=gen)
+    w_lse = torch.randn(bs, n_heads, seqlen, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_ref, lse_ref = attention_reference(*leaves, AttnMask.causal(bs, seqlen, "cpu", batch.doc_ids), scale)
+    ((out_ref * w_out).sum() + (lse_ref * w_lse).sum()).backward()
+    grads_ref = [t.grad for t in leaves]
+    for mode, layout, ulysses in cases:
+        mesh = ParallelDims(cp=world, ulysses=ulysses, world_size=world).build_mesh("cpu")
+        local = prepare_cp_inputs(batch, dist.get_rank(), world, layout, ulysses)
+        idx, real = local.seq_index, local.seq_index < seqlen  # (bs, s); padding tokens are not real
+        safe = idx.clamp(max=seqlen - 1)
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (bs, seqlen, h, d) -> this rank's tokens
+            return torch.stack([t[b, safe[b]] for b in range(bs)])
+
+        ql, kl, vl = (take(t).requires_grad_() for t in (q, k, v))
+        out, lse = make_cp_attention(mode, mesh, attention_reference)(ql, kl, vl, local_attn_mask(local), scale)
+        what = f"{mode}/{layout}/ulysses={ulysses}"
+        assert _rel(out[real], take(out_ref.detach())[real]) < FP32_TOL, what
+        lse_ref_local = torch.stack([lse_ref.detach()[b][:, safe[b]] for b in range(bs)])  # (bs, h, s)
+        assert _rel(lse.transpose(1, 2)[real], lse_ref_local.transpose(1, 2)[real]) < FP32_TOL, what
+        wl_out = take(w_out) * real[..., None, None]
+        wl_lse = torch.stack([w_lse[b][:, safe[b]] for b in range(bs)]) * real[:, None, :]
+        ((out * wl_out).sum() + (lse * wl_lse).sum()).backward()
+        for name, local_leaf, g_ref in zip("qkv", (ql, kl, vl), grads_ref):
+            g = torch.zeros_like(g_ref)
+            for b in range(bs):
+                g[b].index_add_(0, idx[b][real[b]], local_leaf.grad[b][real[b]])
+            dist.all_reduce(g)
+            assert _rel(g, g_ref) < FP32_TOL, f"{what} d{name}"
+
+
 def _world2(rank: int, world: int, tmp: str) -> None:
+    _attention_parity(world, [("ring", "zigzag", 1), ("ring", "contiguous", 1), ("allgather", "zigzag", 1),
+                              ("ulysses", "zigzag", 2)])
     debug = model_flavor("debug")
     for mode, layout in [("ring", "zigzag"), ("ring", "contiguous"), ("allgather", "zigzag"), ("ulysses", "zigzag")]:
         rep = check_parallel(debug, 37, cp=2, mode=mode, layout=layout, sharding="none", n_batches=2)
@@ -101,6 +146,8 @@ def _fsdp_checkpoint_roundtrip(rank: int, mesh, tmp: str) -> None:
 
 
 def _world4(rank: int, world: int) -> None:
+    _attention_parity(world, [("ring", "zigzag", 1), ("allgather", "contiguous", 1), ("ulysses", "zigzag", 4),
+                              ("hybrid", "zigzag", 2), ("hybrid_allgather", "zigzag", 2)])
     debug = model_flavor("debug")  # 4 heads, 2 K/V heads: Ulysses over 4 ranks replicates K/V heads
     for mode, ulysses, sharding in [("ring", 1, "none"), ("allgather", 1, "none"), ("ulysses", 4, "none"),
                                     ("hybrid", 2, "fsdp2"), ("hybrid_allgather", 2, "none")]:
