@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longtrain.kernels.attention import AttnMask, attention_reference, get_attention_backend  # noqa: E402
-from longtrain.trainer.flops import _time  # noqa: E402
+from longtrain.trainer.flops import median_seconds  # noqa: E402
 
 # Many shapes and masks in one process: let flex recompile for each instead of falling back to eager.
 torch._dynamo.config.recompile_limit = 64
@@ -135,7 +135,7 @@ def time_backends(device: str, dtype: torch.dtype, lengths: list[int], h: int, h
                     torch.autograd.grad(out, (q, k, v), dout)
 
                 try:
-                    sec = _time(step, torch.device(device), iters, warmup=2)
+                    sec = median_seconds(step, torch.device(device), iters, warmup=2)
                     row["ms"] = sec * 1e3
                     row["tflops"] = 12 * h * d * pairs / sec / 1e12  # fwd+bwd useful FLOPs
                 except NotImplementedError as e:
@@ -180,7 +180,7 @@ def kernels(device: str, tokens: int, dim: int, inter: int, h: int, h_kv: int, d
             if label != "fp32":
                 def step(fn=fn, ins=ins, dy=dy):
                     torch.autograd.grad(fn(*ins), ins, dy)
-                row[f"{label}_ms"] = _time(step, torch.device(device), iters, 3) * 1e3
+                row[f"{label}_ms"] = median_seconds(step, torch.device(device), iters, 3) * 1e3
                 row[f"{label}_err"] = max(_rel(a, b) for a, b in zip(grads[label], grads["fp32"]))
         rows.append(row)
     return rows

@@ -31,8 +31,9 @@ from torch import Tensor
 from longtrain.kernels.attention import AttnMask
 from longtrain.kernels.attention_layout import Layout, classify
 
-# cuDNN's fused attention in these aten ops takes equal q/kv head counts on the torch versions we target;
-# K/V heads are repeated for it (GQA). flash-attention 2 handles GQA natively.
+# cuDNN takes fewer K/V heads than Q heads (GQA) natively: checked on an H100 with torch 2.11 / cu130,
+# 2026-11-26 (benchmarks/attention.py probe, errors 2-3e-3 in bf16). Set False to repeat K/V heads for
+# builds whose cuDNN refuses it. flash-attention 2 handles GQA natively.
 CUDNN_NATIVE_GQA = True
 
 
@@ -60,8 +61,9 @@ def _out_for_backward(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:
 
 def _empty(q: Tensor) -> tuple[Tensor, Tensor]:
     """A block where no query sees a key: out 0, lse -inf (the LSE merge then ignores it)."""
-    bs, s, h, _ = q.shape
-    return torch.zeros_like(q), torch.full((bs, h, s), float("-inf"), device=q.device, dtype=torch.float32)
+    # Kept in q's graph (zero gradient) so that autograd.grad over (out, lse) works as for any block.
+    zero = q.float().sum(-1).transpose(1, 2) * 0.0  # (bs, h, s)
+    return q * 0.0, zero + float("-inf")
 
 
 def _windows(window: int | None, causal: bool) -> tuple[int | None, int | None]:

@@ -161,7 +161,7 @@ def ceiling_mfu(args: ModelArgs, seq_len: int, matmul_flops_s: float, attn_flops
     return (mm + attn) / t / peak_flops
 
 
-def _time(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
     """Median seconds of fn() over `iters` runs after `warmup` (device-synchronised)."""
     for _ in range(warmup):
         fn()
@@ -205,7 +205,7 @@ def measure_matmul_flops(args: ModelArgs, tokens: int, device: torch.device | st
             g @ w  # grad of the activations (tokens, k)
             g.t() @ x  # grad of the weight (n, k)
 
-        total_s += _time(step, device, iters, warmup) * count
+        total_s += median_seconds(step, device, iters, warmup) * count
         total_flops += 6.0 * tokens * k * n * count
     return total_flops / total_s
 
@@ -240,6 +240,6 @@ def measure_attention_flops(attn_fn: Callable, args: ModelArgs, seq_len: int, de
         out, _ = attn_fn(q, k, v, mask, scale)
         torch.autograd.grad(out, (q, k, v), dout)
 
-    sec = _time(step, device, iters, warmup)
+    sec = median_seconds(step, device, iters, warmup)
     pairs = attention_context(seq_len, doc_lens, True, args.sliding_window) * seq_len
     return 12.0 * args.n_heads * args.head_dim * pairs / sec

@@ -146,3 +146,14 @@ def test_registry_and_auto_on_cpu():
     out, lse = get_attention_backend("auto")(q, k, v, mask, 0.25)
     ref_out, ref_lse = attention_reference(q, k, v, mask, 0.25)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_empty_block_is_zero_and_stays_in_the_graph():
+    """A CP block where no query sees a key: out 0, lse -inf, and autograd over (out, lse) still works."""
+    from longtrain.kernels.attention_sdpa import _empty
+
+    q = torch.randn(2, 5, 4, 8, requires_grad=True)
+    out, lse = _empty(q)
+    assert torch.equal(out, torch.zeros_like(q)) and lse.shape == (2, 4, 5) and bool((lse == float("-inf")).all())
+    (g,) = torch.autograd.grad((out, lse), (q,), (torch.randn_like(out), torch.randn_like(lse)))
+    assert torch.equal(g, torch.zeros_like(q))
