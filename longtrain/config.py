@@ -304,9 +304,11 @@ class Recipe:
 
 
 STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a stage inherits and may override
+RUN_WIDE_TRAIN_KEYS = ("resume", "seed", "stop_after_steps")  # train keys a stage may not change
 
 
 STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a stage inherits and may override
+RUN_WIDE_TRAIN_KEYS = ("resume", "seed", "stop_after_steps")  # train keys a stage may not change
 
 
 def _check_layout(recipe: Recipe, file: str) -> None:
@@ -360,6 +362,11 @@ def build_recipe(raw: dict, overrides: list[str] | None = None, file: str = "<re
     for i, st in enumerate(stages_raw):
         if not isinstance(st, dict):
             raise RecipeError(f"{file}: `stages[{i}]` = {st!r} is invalid: expected a mapping (name, seq_len, steps).")
+        for key in RUN_WIDE_TRAIN_KEYS:
+            run_value = (raw.get("train") or {}).get(key, getattr(TrainConfig(), key))
+            if isinstance(st.get("train"), dict) and st["train"].get(key, run_value) != run_value:
+                raise RecipeError(f"{file}: `stages[{i}].train.{key}` is invalid here: {key} applies to the whole "
+                                  f"run; set it in the top-level train section.")
         for sec in STAGE_INHERITS:  # the stage's section = top-level section deep-merged with the stage's changes
             top = raw.get(sec)
             if sec in st and st[sec] is not None and top is not None:

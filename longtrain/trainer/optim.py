@@ -23,7 +23,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     match cfg.name:
         case "adamw":
             fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -51,10 +52,12 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
             raise ValueError(f"schedule decay {other!r}; valid: cosine, linear, constant")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, lr: float, total_steps: int,
-                    cfg: ScheduleConfig) -> LambdaLR:
-    """A stage's schedule: sets every group's peak lr to `lr`, then scales it by `lr_factor` each step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, total_steps: int,
+                    schedule: ScheduleConfig) -> LambdaLR:
+    """A stage's schedule: sets the stage's optimizer settings (peak lr, betas, eps, weight decay) on every
+    group, then scales the lr by `lr_factor` each step. Optimizer state (moments) carries over between stages."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
-        g["initial_lr"] = lr
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+        g["lr"] = g["initial_lr"] = cfg.lr
+        g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
+        g["weight_decay"] = cfg.weight_decay if g.get("decay", True) else 0.0
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule))

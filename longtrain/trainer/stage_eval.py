@@ -23,17 +23,17 @@ def _results_file(recipe: Recipe) -> Path:
 def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, logger, sharded: bool) -> list[dict]:
     """Score the model after stage `si` (and with the next stage's rope, untrained); rank 0 evaluates.
 
+    A sharded (FSDP2) model is first gathered into a plain copy on rank 0 (full weights in host memory:
+    fine for the models one evaluates during training on CPU/GPU; for 8B+ run `longtrain eval` on the export).
+
     Returns:
         The results dicts of longtrain.eval.evaluate (empty on other ranks).
-    Raises:
-        NotImplementedError: sharded parameters (evaluate the exported model with `longtrain eval` instead).
     """
     from longtrain.eval.evaluate import evaluate
 
     stage, cfg = recipe.stages[si], recipe.stages[si].eval
     if sharded:
-        raise NotImplementedError("stage evaluation of a sharded (FSDP2) model; drop the eval block and run "
-                                  "`longtrain eval` on the exported model")
+        model = _gathered_copy(model, recipe, info)  # collective; a plain model on rank 0, None elsewhere
     out: list[dict] = []
     if info.is_main:
         variants = [(stage.name, None)]
@@ -63,6 +63,28 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
             logger.write(write_summary(recipe))
     barrier()
     return out
+
+
+def _gathered_copy(model, recipe: Recipe, info: DistInfo):
+    """All ranks gather the full state dict; rank 0 loads it into an unsharded twin on its device."""
+    import copy
+
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from longtrain.model.decoder import Transformer
+    from longtrain.trainer.lora import apply_lora
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    with torch.device("meta"):
+        twin = Transformer(copy.deepcopy(model.args))
+    twin.to_empty(device="cpu")
+    if recipe.model.lora is not None:
+        apply_lora(twin, recipe.model.lora)
+    twin.load_state_dict(full)
+    return twin.to(info.device)
 
 
 def _brief(res: dict) -> str:

@@ -220,7 +220,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                                           f"level (it applies to every stage)")
             source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
                                         layout.dp_rank, layout.dp_size)
-            scheduler = build_scheduler(optimizer, stage.train.optimizer.lr, stage.steps, stage.train.schedule)
+            scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
             stage_step = 0
             if rank_state is not None and si == start_stage:
                 source.load_state_dict(rank_state["data"])

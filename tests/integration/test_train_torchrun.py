@@ -68,3 +68,20 @@ def test_fsdp2_data_parallel_resume_is_exact(tmp_path):
     for step in (2, 3):  # CPU fp32, same world size and sharding: bitwise
         assert cut[step]["loss"] == full[step]["loss"], step
         assert cut[step]["grad_norm"] == full[step]["grad_norm"], step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_demo_recipe_under_torchrun_data_parallel(tmp_path):
+    """The demo recipe (reduced) with 2 FSDP2 ranks: stage evals gather the sharded model onto rank 0."""
+    reduced = ["stages.0.steps=3", "stages.1.steps=2", "train.micro_batch=2", "stages.1.train.micro_batch=1",
+               "model.overrides.n_layers=2", "eval.samples=1", "eval.depths=[0.5]", "checkpoint.every_steps=0",
+               "logging.progress_bar=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "longtrain", "train", "recipes/tiny-demo.yaml",
+           f"run_dir={tmp_path / 'demo'}", *reduced]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| passkey accuracy | 256 | 512 | 1024 |") == 1  # printed by rank 0 only
+    assert (tmp_path / "demo" / "eval" / "summary.md").is_file()

@@ -120,3 +120,8 @@ def test_override_errors(tmp_path):
 def test_build_recipe_without_file_names_placeholder():
     with pytest.raises(RecipeError, match="<recipe>"):
         build_recipe({**BASE, "name": 3})
+
+
+def test_run_wide_train_keys_cannot_change_per_stage(tmp_path):
+    msg = error(tmp_path, BASE, ["stages.1.train.resume=never"])
+    assert "`stages[1].train.resume`" in msg and "whole run" in msg
