@@ -176,3 +176,16 @@ def test_train_from_a_hugging_face_directory(tmp_path):
     assert res.losses[1] == pytest.approx(float(expected), rel=1e-6)  # fp32, same model and batch
     assert not torch.equal(trained.embed_tokens.weight, base.embed_tokens.weight)
     assert trained.args.rope == base.args.rope
+
+
+def test_schedule_warmup_then_decay_to_min_ratio():
+    from longtrain.config import ScheduleConfig
+    from longtrain.trainer.optim import lr_factor
+
+    cos = ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(s, 14, cos) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 14, cos) == 1.0 and lr_factor(9, 14, cos) == pytest.approx(0.55)
+    assert lr_factor(14, 14, cos) == pytest.approx(0.1)
+    lin = ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    assert lr_factor(5, 10, lin) == pytest.approx(0.5)
+    assert lr_factor(3, 10, ScheduleConfig(decay="constant")) == 1.0
