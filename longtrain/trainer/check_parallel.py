@@ -123,9 +123,9 @@ def _compare(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, s
 def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, layout: str = "zigzag",
                    ulysses: int = 1, dp_shard: int = -1, dp_replicate: int = 1, sharding: str = "fsdp2",
                    attention_backend: str = "reference", dtype: torch.dtype = torch.float32, n_batches: int = 2,
-                   bs: int = 1, seed: int = 0, zero_stage: int = 3,
-                   batches: list[Batch] | None = None) -> ParallelReport:
-    """Compare one optimizer step's loss and gradients of a parallel layout with cp=1 on the same data.
+                   bs: int = 1, seed: int = 0, zero_stage: int = 3, ac_mode: str = "none",
+                   tiled_mlp: int | bool = False, batches: list[Batch] | None = None) -> ParallelReport:
+    """Compare the loss and gradients of a parallel layout with cp=1 on the same data.
 
     Must run inside an initialised default process group (all ranks call it).
 
@@ -141,6 +141,8 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         n_batches: micro-batches per data-parallel rank.
         bs: rows per micro-batch; seed: model init and data seed.
         zero_stage: DeepSpeed ZeRO stage (sharding="deepspeed").
+        ac_mode: activation checkpointing (none | selective | full); tiled_mlp: tokens per MLP tile or
+            False (both through parallel.apply, so not with sharding "none").
         batches: the global micro-batches to use instead of make_packed_batches' (a multiple of the dp
             degree; dp rank d takes batches d, d + dp, ...).
 
@@ -185,19 +187,23 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         loss_ref += loss.detach()
     grads_ref = _full_grads(ref)
 
-    # The layout: CP attention, then sharding (the order of parallel.apply).
-    apply_cp(model, mode, mesh, backend)
+    # The layout, through the same parallel.apply the trainer uses (CP attention, memory switches, sharding).
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
     engine = None
     match sharding:
-        case "fsdp2":
-            from longtrain.parallel.fsdp import apply_fsdp
-            apply_fsdp(model, mesh, param_dtype=dtype, reduce_dtype=torch.float32)
-        case "deepspeed":
-            from longtrain.parallel.deepspeed import deepspeed_wrap
-            engine = deepspeed_wrap(model, mesh, zero_stage=zero_stage, dtype=dtype)
-        case "none":
+        case "fsdp2" | "deepspeed":
+            from longtrain import parallel
+
+            out = parallel.apply(model, dims, mesh, cp_mode=mode, attention_backend=attention_backend,
+                                 param_dtype=dtype, reduce_dtype=torch.float32, ac_mode=ac_mode, tiled_mlp=tiled_mlp,
+                                 backend=sharding, zero_stage=zero_stage)
+            engine = out if sharding == "deepspeed" else None
+        case "none":  # CP attention only; gradients summed by all-reduce below (a check-only layout)
+            if ac_mode != "none" or tiled_mlp:
+                raise ValueError("sharding 'none' applies CP attention only; use fsdp2 or deepspeed with ac_mode / "
+                                 "tiled_mlp")
             model.to(dtype)
+            apply_cp(model, mode, mesh, backend)
         case _:
             raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp2, deepspeed, none")
     loss_par = torch.zeros((), device=device, dtype=torch.float32)
@@ -247,6 +253,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3))
     p.add_argument("--attention-backend", default=None, help="local attention backend (default reference)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default fp32 (recipe: its model.dtype)")
+    p.add_argument("--ac", default="none", choices=("none", "selective", "full"), help="activation checkpointing")
+    p.add_argument("--tiled-mlp", type=int, default=0, help="tokens per MLP tile (0: no tiling)")
     p.add_argument("--batches", type=int, default=2, help="micro-batches per data-parallel rank")
     p.add_argument("--bs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -287,7 +295,7 @@ def _resolve(args: argparse.Namespace) -> dict:
                 sharding=_first(args.sharding, par.backend if par else None, "fsdp2"),
                 zero_stage=_first(args.zero_stage, par.zero_stage if par else None, 3),
                 attention_backend=_first(args.attention_backend, attn, "reference"), dtype=DTYPES[dtype_name],
-                n_batches=args.batches, bs=args.bs, seed=args.seed)
+                n_batches=args.batches, bs=args.bs, seed=args.seed, ac_mode=args.ac, tiled_mlp=args.tiled_mlp or False)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

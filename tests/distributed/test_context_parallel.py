@@ -88,8 +88,10 @@ def _world2(rank: int, world: int, tmp: str) -> None:
     # Sliding window (Mistral): the ring also skips blocks that are entirely out of the window.
     rep = check_parallel(model_flavor("debug", sliding_window=6), 37, cp=2, mode="ring", sharding="none")
     _assert_ok(rep, "ring + window")
-    # FSDP2 over dp_shard x cp (here cp only): gradients summed over cp, not averaged.
-    _assert_ok(check_parallel(debug, 37, cp=2, mode="ring", sharding="fsdp2", bs=2), "ring + fsdp2")
+    # FSDP2 over dp_shard x cp (here cp only): gradients summed over cp, not averaged; through
+    # parallel.apply with full activation checkpointing and a tiled MLP (the trainer's composition).
+    rep = check_parallel(debug, 37, cp=2, mode="ring", sharding="fsdp2", bs=2, ac_mode="full", tiled_mlp=8)
+    _assert_ok(rep, "ring + fsdp2 + full AC + tiled MLP")
 
     # A rank with zero valid tokens: only the first 9 labels are valid, all on cp rank 0 (zigzag chunk 0).
     batch = make_packed_batches(1, 1, 37, debug.vocab_size, seed=5)[0]
@@ -151,7 +153,8 @@ def _world4(rank: int, world: int) -> None:
     debug = model_flavor("debug")  # 4 heads, 2 K/V heads: Ulysses over 4 ranks replicates K/V heads
     for mode, ulysses, sharding in [("ring", 1, "none"), ("allgather", 1, "none"), ("ulysses", 4, "none"),
                                     ("hybrid", 2, "fsdp2"), ("hybrid_allgather", 2, "none")]:
-        rep = check_parallel(debug, 45, cp=4, mode=mode, ulysses=ulysses, sharding=sharding)
+        ac = "selective" if sharding == "fsdp2" else "none"  # AC needs parallel.apply (fsdp2)
+        rep = check_parallel(debug, 45, cp=4, mode=mode, ulysses=ulysses, sharding=sharding, ac_mode=ac)
         _assert_ok(rep, f"{mode} cp=4")
     # FSDP2 dp_shard=2 x cp=2: different data per dp rank, global token normalisation.
     rep = check_parallel(debug, 45, cp=2, mode="ring", dp_shard=2, sharding="fsdp2")
