@@ -6,6 +6,11 @@ mask and building one costs (PITFALLS.md). On CUDA, flex_attention and the block
 compiled (flex is only fast compiled: eagerly it materialises the score matrix; Dong et al.,
 arXiv:2412.05496). On CPU it runs eagerly, forward only (torch has no flex backward on CPU), which is
 what the CPU tests use against the reference.
+
+Compilation: each new (shape, mask variant) compiles once (~10-30 s on an H100). Dynamo allows
+`torch._dynamo.config.recompile_limit` (default 8) variants of flex_attention per process; past it,
+dynamo runs flex eagerly, which materialises the scores and runs out of memory at long context (seen in
+benchmarks/attention.py, which therefore raises the limit). A training run has one or a few variants.
 """
 
 from __future__ import annotations
