@@ -231,6 +231,9 @@ def iter_records(files: list[str], kind: str, text_field: str, messages_field: s
                     for line, raw in enumerate(f, start=1):
                         if not raw.strip():
                             continue  # blank lines separate nothing in JSONL; they are not records
+                        if n_records == 0 and raw.lstrip().startswith(b"["):
+                            raise ValueError(f"{file}:{line}: a JSON array, not JSON Lines; write one JSON object "
+                                             "per line (e.g. datasets.Dataset.to_json(path, lines=True))")
                         n_records += 1
                         try:
                             s = raw.decode("utf-8")

@@ -130,6 +130,10 @@ def test_bad_paths_and_specs(tok, tmp_path):
         build_loader([SourceSpec("builtin:tiny")], tok, 16, 1, on_bad_record="ignore")
     with pytest.raises(ValueError, match="unknown packing mode 'packed'"):
         build_loader([SourceSpec("builtin:tiny")], tok, 16, 1, packing="packed")
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
+    with pytest.raises(ValueError, match=r"array.json:1: a JSON array, not JSON Lines"):
+        build_loader([SourceSpec(str(array))], tok, 16, 1, on_bad_record="skip", cache_dir=str(tmp_path))
     bad_chat = _jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": [{"role": "user"}]}).encode()])
     with pytest.raises(BadRecordError, match=rf"{bad_chat}:1: field 'messages' must be a non-empty list"):
         build_loader([SourceSpec(bad_chat, messages_field="messages")], tok, 16, 1, cache_dir=str(tmp_path))
