@@ -100,6 +100,7 @@ class EvalSection:
     samples: int = 4  # passkey sequences per (length, depth)
     batch_size: int = 4
     attention: str = "reference"  # the eval attention backend (auto on GPU)
+    dtype: str = "float32"  # evaluated weights: float32 | bfloat16 (GPU: fused attention kernels need bf16)
 
 
 @dataclass
@@ -203,6 +204,11 @@ def _check(cfg: BenchConfig, where: str) -> None:
         raise ValueError(f"{where}: base.steps and extension.steps must be >= 1")
     if not cfg.eval.multiples or min(cfg.eval.multiples) < 1:
         raise ValueError(f"{where}: eval.multiples = {cfg.eval.multiples} must be non-empty integers >= 1")
+    match cfg.eval.dtype:
+        case "float32" | "bfloat16":
+            pass
+        case other:
+            raise ValueError(f"{where}: eval.dtype = {other!r}; valid: float32, bfloat16")
     if cfg.data.heldout_every < 2 or cfg.data.heldout_docs < 1:
         raise ValueError(f"{where}: data.heldout_every must be >= 2 and data.heldout_docs >= 1")
 
@@ -287,7 +293,7 @@ def search_longrope(model, cfg: BenchConfig, f: int, docs: list[list[int]], thet
             model.set_rope(rope, max_pos)
             with torch.no_grad():
                 r = perplexity_at_length(model, docs, f * L, batch_size=cfg.eval.batch_size,
-                                         max_windows=cfg.longrope_search.windows)
+                                         max_windows=cfg.longrope_search.windows, backend=cfg.eval.attention)
             rows.append({"candidate": name, "ppl": r.ppl, "long_factor": lam})
             if best is None or r.ppl < best[0]:
                 best = (r.ppl, lam)
@@ -300,11 +306,17 @@ def search_longrope(model, cfg: BenchConfig, f: int, docs: list[list[int]], thet
 # Data, training, evaluation
 
 
-def prepare_data(cfg: BenchConfig, out: Path, tok) -> tuple[Path, list[list[int]], list[list[int]]]:
-    """Split the standard-library documents: a training file, held-out eval token lists, longrope search lists.
+def prepare_data(cfg: BenchConfig, out: Path, tok) -> tuple[dict[int, Path], list[list[int]], list[list[int]]]:
+    """Split the standard-library documents into training files, held-out eval token lists and search lists.
+
+    Training text is cut into pieces of one sequence (a file per stage length: L and every f * L), so each row
+    of a batch is one stretch of real text or one passkey sample. Whole files (thousands of tokens) would fill
+    dozens of consecutive rows and make whole batches text-only or passkey-only: a tiny model trained on such
+    alternating batches did not learn the text (held-out perplexity above the vocabulary size in our first run).
 
     Returns:
-        (train .jsonl, held-out documents cut to the longest eval length, training-split search documents).
+        ({sequence length: training .jsonl}, held-out documents cut to the longest eval length, training-split
+        documents for the LongRoPE search).
 
     Raises:
         ValueError: too few documents are long enough.
@@ -316,19 +328,26 @@ def prepare_data(cfg: BenchConfig, out: Path, tok) -> tuple[Path, list[list[int]
     held = [text for i, (_, text) in enumerate(docs) if i % d.heldout_every == 0]
     train = [text for i, (_, text) in enumerate(docs) if i % d.heldout_every != 0]
     train = train[:d.train_docs] if d.train_docs else train
-    path = out / "data" / "train.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = "".join(json.dumps({"text": text}) + "\n" for text in train)
-    if not path.is_file() or path.read_text(encoding="utf-8") != content:  # unchanged: the token cache stays valid
-        path.write_text(content, encoding="utf-8")
+    train_ids = tok.encode_batch(train)
+    special = 1 + int(tok.add_bos)  # the loader adds EOS (and BOS) to every document
+    files = {}
+    for n in [cfg.base.seq_len] + [f * cfg.base.seq_len for f in cfg.extension.factors]:
+        path = out / "data" / f"train_{n}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pieces = [ids[i:i + n - special] for ids in train_ids for i in range(0, len(ids) - n + special + 1,
+                                                                             n - special)]
+        content = "".join(json.dumps({"text": t}) + "\n" for t in (tok.decode(p) for p in pieces))
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:  # unchanged: keep the token cache
+            path.write_text(content, encoding="utf-8")
+        files[n] = path
     longest = max(cfg.eval.multiples) * cfg.base.seq_len
     heldout = [ids[:longest] for ids in tok.encode_batch(held) if len(ids) >= longest][:d.heldout_docs]
     if len(heldout) < d.heldout_docs:
         raise ValueError(f"data: only {len(heldout)} held-out documents have {longest} tokens, "
                          f"data.heldout_docs = {d.heldout_docs}; lower it or data.min_chars / base.seq_len")
     search_len = max(cfg.extension.factors) * cfg.base.seq_len
-    search = [ids for ids in tok.encode_batch(train[:4 * cfg.longrope_search.docs]) if len(ids) >= search_len]
-    return path, heldout, search[:cfg.longrope_search.docs]
+    search = [ids for ids in train_ids if len(ids) >= search_len]
+    return files, heldout, search[:cfg.longrope_search.docs]
 
 
 def _recipe(cfg: BenchConfig, name: str, run_dir: Path, model: dict, stage: dict, train: dict, data_path: Path,
@@ -384,6 +403,15 @@ def train_extension(cfg: BenchConfig, out: Path, base_hf: Path, method: str, f: 
     return Path(recipe.run_dir), res.losses[max(res.losses)]
 
 
+def prepare_eval_model(model, cfg: BenchConfig, device: str):
+    """The model on `device` in the eval dtype with the eval attention backend installed (rotary stays fp32)."""
+    from longtrain.eval.scoring import set_eval_attention
+
+    model = model.to(device=device, dtype=torch.bfloat16 if cfg.eval.dtype == "bfloat16" else torch.float32)
+    set_eval_attention(model, cfg.eval.attention)
+    return model
+
+
 def evaluate_model(model, tok, cfg: BenchConfig, heldout: list[list[int]], name: str) -> dict:
     """Perplexity on the held-out documents and passkey accuracy at every eval length (longtrain.eval)."""
     from longtrain.eval.evaluate import evaluate
@@ -429,15 +457,15 @@ def run(cfg: BenchConfig, out: Path, source: str) -> list[dict]:
             "load_before": os.getloadavg(), "timings": {}}
     t0 = time.time()
     tok = load_tokenizer(cfg.model.tokenizer)
-    data_path, heldout, search_docs = prepare_data(cfg, out, tok)
+    data_files, heldout, search_docs = prepare_data(cfg, out, tok)
     meta["heldout"] = {"documents": len(heldout), "tokens_each": len(heldout[0])}
 
     t = time.time()
-    base_run, base_loss = train_base(cfg, out, data_path, source)
+    base_run, base_loss = train_base(cfg, out, data_files[cfg.base.seq_len], source)
     meta["timings"]["base_train_s"] = time.time() - t
     model, _, _ = load_for_eval(base_run, device="cpu")
     base_hf = save_hf(model, out / "base_hf", overwrite=True)
-    model = model.to(device)
+    model = prepare_eval_model(model, cfg, device)
     theta = float(model.args.rope["rope_theta"])
     meta["model"] = {"params": sum(p.numel() for p in model.parameters()), "args": asdict(model.args)}
     base_row = {"method": "base", "factor": 1, "steps": 0, "rope": dict(model.args.rope),
@@ -472,14 +500,16 @@ def run(cfg: BenchConfig, out: Path, source: str) -> list[dict]:
         print(f"{method} {f}x training-free: ppl {row['ppl']}, passkey {row['passkey']}", flush=True)
     meta["timings"]["training_free_eval_s"] = time.time() - t
     del model
+    write_report(rows, meta, out, plots=False)  # partial tables, in case a time limit stops the run
 
     t_train = t_eval = 0.0
     for (method, f), (rope, max_pos) in ropes.items():
         t = time.time()
-        run_dir, loss = train_extension(cfg, out, base_hf, method, f, rope, max_pos, data_path, source)
+        run_dir, loss = train_extension(cfg, out, base_hf, method, f, rope, max_pos,
+                                        data_files[f * cfg.base.seq_len], source)
         t_train += time.time() - t
         t = time.time()
-        tuned, _, _ = load_for_eval(run_dir, device=device)
+        tuned = prepare_eval_model(load_for_eval(run_dir, device=device)[0], cfg, device)
         row = {"method": method, "factor": f, "steps": cfg.extension.steps, "rope": rope,
                "max_position_embeddings": max_pos, "train_loss": loss,
                **evaluate_model(tuned, tok, cfg, heldout, f"{method} {f}x fine-tuned")}
@@ -492,6 +522,7 @@ def run(cfg: BenchConfig, out: Path, source: str) -> list[dict]:
         _append(results, row)
         rows.append(row)
         print(f"{method} {f}x fine-tuned: loss {loss:.3f}, ppl {row['ppl']}, passkey {row['passkey']}", flush=True)
+        write_report(rows, meta, out, plots=False)
     meta["timings"] |= {"extension_train_s": t_train, "extension_eval_s": t_eval, "total_s": time.time() - t0}
     meta["load_after"] = os.getloadavg()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -113,8 +113,8 @@ def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multipl
     plt.close(fig)
 
 
-def write_report(rows: list[dict], meta: dict, out: Path) -> Path:
-    """report.md with the tables, perplexity.png and passkey.png into `out`.
+def write_report(rows: list[dict], meta: dict, out: Path, plots: bool = True) -> Path:
+    """report.md with the tables (and, with `plots`, perplexity.png and passkey.png) into `out`.
 
     Raises:
         ValueError: no base row.
@@ -124,8 +124,9 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> Path:
     cfg = meta["config"]
     L, factors, multiples = cfg["base"]["seq_len"], cfg["extension"]["factors"], cfg["eval"]["multiples"]
     steps = [0, cfg["extension"]["steps"]]
-    plot_perplexity(rows, factors, steps, L, out / "perplexity.png")
-    plot_passkey(rows, factors, steps, multiples, out / "passkey.png")
+    if plots:
+        plot_perplexity(rows, factors, steps, L, out / "perplexity.png")
+        plot_passkey(rows, factors, steps, multiples, out / "passkey.png")
     t = meta["timings"]
     lines = [f"# RoPE methods: {cfg['name']}", "",
              f"- command: `{meta['command']}`; config `{meta['config_file']}`",
