@@ -157,8 +157,12 @@ class MapSource:
         if len(keep) < len(n):  # materialise the kept rows contiguously (cached) for fast row access
             ds = tokd.select(keep, new_fingerprint=_fp(fp, lo, hi)).flatten_indices(
                 new_fingerprint=_fp(fp, lo, hi, "flat"))
-        self._ids = ds.data.column("input_ids")
-        self._mask = ds.data.column("loss_mask")
+        # Row access straight from the memory-mapped Arrow buffers: per chunk, (offsets, values) as numpy views.
+        self._ids = [(c.offsets.to_numpy(), c.values.to_numpy(zero_copy_only=False))
+                     for c in ds.data.column("input_ids").chunks]
+        self._mask = [(c.offsets.to_numpy(), c.values.to_numpy(zero_copy_only=False))
+                      for c in ds.data.column("loss_mask").chunks]
+        self._chunk_starts = np.cumsum([0] + [len(c[0]) - 1 for c in self._ids])
         self.epoch, self.pos = 0, 0
         self._order = self._epoch_order(0)
 
@@ -199,9 +203,10 @@ class MapSource:
             self._order = self._epoch_order(self.epoch)
         row = int(self._order[self.pos])
         self.pos += 1
-        ids = self._ids[row].values.to_numpy(zero_copy_only=False)
-        mask = self._mask[row].values.to_numpy(zero_copy_only=False)
-        return to_document(ids, mask, self.index)
+        c = int(np.searchsorted(self._chunk_starts, row, side="right")) - 1
+        j = row - int(self._chunk_starts[c])
+        (io, iv), (mo, mv) = self._ids[c], self._mask[c]
+        return to_document(iv[io[j]:io[j + 1]], mv[mo[j]:mo[j + 1]], self.index)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "map", "epoch": self.epoch, "pos": self.pos, "documents": self.stats.documents}
