@@ -229,3 +229,20 @@ def test_bundled_corpus_is_reproducible():
     assert read_tiny_corpus() == tiny_corpus_documents()  # the asset is exactly what the generator writes
     assert [json.loads(line)["messages"] for line in TINY_CHAT.read_text().splitlines()] == tiny_chat_conversations()
     assert sum(p.stat().st_size for p in ASSETS.iterdir()) < 2_000_000  # package data stays small
+
+
+@pytest.mark.parametrize("min_tokens", [0, 120])
+def test_map_source_rows_match_the_documents(tok, tmp_path, min_tokens):
+    """Every row read from the Arrow buffers (several chunks; one after a length filter) is its document."""
+    from longtrain.data.corpus import read_tiny_corpus
+
+    loader = build_loader([SourceSpec("builtin:tiny", min_tokens=min_tokens)], tok, 64, 1, prefetch=0,
+                          cache_dir=str(tmp_path))
+    src = loader.sources[0]
+    expected = [x for x in ([tok.bos_id] + ids + [tok.eos_id] for ids in tok.encode_batch(read_tiny_corpus()))
+                if len(x) >= min_tokens]
+    assert len(expected) == src.stats.documents and (len(src._ids) > 1 if min_tokens == 0 else
+                                                     src.stats.filtered_short > 0)
+    order = src._epoch_order(0)
+    for row in order:
+        assert src.next_doc().ids.tolist() == expected[row]
