@@ -246,3 +246,13 @@ def test_map_source_rows_match_the_documents(tok, tmp_path, min_tokens):
     order = src._epoch_order(0)
     for row in order:
         assert src.next_doc().ids.tolist() == expected[row]
+
+
+def test_streaming_dp_ranks_are_disjoint(tok, corpus, tmp_path):
+    spec = [SourceSpec(str(corpus / "a.jsonl"), streaming=True)]
+    seen = []
+    for r in range(2):
+        loader = build_loader(spec, tok, 128, 2, dp_rank=r, dp_size=2, prefetch=0, cache_dir=str(tmp_path))
+        seen.append(set().union(*(_doc_markers(tok, next(loader)) for _ in range(8))))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= {str(i) for i in range(150)}
