@@ -1,8 +1,8 @@
 """`longtrain eval MODEL_DIR --lengths 4096,16384 --tasks passkey,perplexity [--compare OTHER] [--out DIR]`.
 
 cli.py wires `add_parser` and `run`. With --compare both models are scored on identical inputs (same seed) and
-the report puts them side by side (MODEL first, OTHER second: e.g. `longtrain eval AFTER --compare BEFORE`
-shows the extended model beside the base one).
+the report puts them side by side, MODEL first: `longtrain eval BASE --compare EXTENDED` shows the change
+row as EXTENDED minus BASE.
 """
 
 from __future__ import annotations
@@ -70,6 +70,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `longtrain eval` (see run_eval); bad input prints `error: <message>` and returns 2."""
+    import sys
+
+    try:
+        return run_eval(args)
+    except (ValueError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_eval(args: argparse.Namespace) -> int:
     """Run `longtrain eval`; prints the summary tables and the report path. Returns the exit code (0).
 
     Raises:

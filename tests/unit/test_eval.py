@@ -170,9 +170,11 @@ def test_load_longtrain_checkpoint(tmp_path):
 # Bad input
 
 
-def test_missing_model_dir(tmp_path):
+def test_missing_model_dir(tmp_path, capsys):
+    assert command.run(_parse([str(tmp_path / "nope"), "--lengths", "64"])) == 2  # the CLI: a message, no traceback
+    assert "error: model path" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not exist"):
-        command.run(_parse([str(tmp_path / "nope"), "--lengths", "64"]))
+        command.run_eval(_parse([str(tmp_path / "nope"), "--lengths", "64"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a Hugging Face directory"):
         load_for_eval(tmp_path / "empty")
@@ -183,13 +185,13 @@ def test_empty_eval_set(hf_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="is an empty file"):
-        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(empty)]))
+        command.run_eval(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(empty)]))
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"text": "A short one."}) + "\n")
     with pytest.raises(ValueError, match="empty perplexity eval set at length 64: none of 1 documents"):
-        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short)]))
+        command.run_eval(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short)]))
     with pytest.raises(ValueError, match="no column 'body'"):
-        command.run(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short),
+        command.run_eval(_parse([str(path), "--lengths", "64", "--tasks", "perplexity", "--data", str(short),
                             "--text-field", "body"]))
 
 
@@ -204,9 +206,9 @@ def test_length_too_long_for_backend(hf_dir):
 def test_bad_task_and_options(hf_dir):
     path, _ = hf_dir
     with pytest.raises(ValueError, match="unknown task 'pasky'; valid: perplexity, passkey"):
-        command.run(_parse([str(path), "--lengths", "64", "--tasks", "pasky"]))
+        command.run_eval(_parse([str(path), "--lengths", "64", "--tasks", "pasky"]))
     with pytest.raises(ValueError, match="--rope is not valid JSON"):
-        command.run(_parse([str(path), "--lengths", "64", "--rope", "{linear"]))
+        command.run_eval(_parse([str(path), "--lengths", "64", "--rope", "{linear"]))
     model, tok, _ = load_for_eval(path)
     with pytest.raises(ValueError, match="shorter than the task's fixed text"):
         evaluate(model, tok, [32], tasks=["passkey"], samples=1)
