@@ -222,7 +222,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                                         layout.dp_rank, layout.dp_size)
             scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
             stage_step = 0
-            if rank_state is not None and si == start_stage:
+            if rank_state is not None and si == start_stage and rank_state["data"] is not None:
                 source.load_state_dict(rank_state["data"])
                 scheduler.load_state_dict(rank_state["scheduler"])
                 for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -239,7 +239,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                                    inject_nan=step + 1 in stage.train.debug_nan_steps, generator=gen)
                 lr = scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
                     scheduler.step()  # the schedule follows the step count, skipped steps included
                 step, stage_step = step + 1, stage_step + 1
                 dt = time.perf_counter() - t0
@@ -279,13 +279,17 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 if preempted or stop_now:
                     result.status = "preempted" if preempted else "stopped"
                     logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
-                    result.step = step
-                    return result
+                    break
             source.close()
-            if stage.eval is not None:
+            # A stage that ended is evaluated, also when a stop_after_steps slot ends with it (a resumed run starts
+            # at the next stage). Preemption leaves at once: the grace period is for the checkpoint.
+            if stage.eval is not None and stage_step == stage.steps and result.status != "preempted":
                 from longtrain.trainer.stage_eval import evaluate_stage
 
                 result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger, layout.sharded)
+            if result.status != "done":
+                result.step = step
+                return result
         result.step = step
         return result
     finally:
@@ -332,6 +336,8 @@ def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info
                           model_args=build.args_dict(model.args),
                           lora=dataclasses.asdict(lora) if lora is not None else None,
                           tokenizer=recipe.model.tokenizer, world_size=info.world_size)
-    rank_state = {"data": source.state_dict(), "scheduler": scheduler.state_dict(), "bad_steps": bad_steps}
+    done_stage = next_step == 0
+    rank_state = {"data": None if done_stage else source.state_dict(),
+                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps}
     save_checkpoint(ckpt_root, meta, model, optimizer, rank_state, info.rank, recipe_yaml,
                     recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)
