@@ -74,7 +74,12 @@ def test_end_to_end_two_methods(bench, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["heldout"] == {"documents": 1, "tokens_each": 2 * L}
+    assert meta["timings"]["process_cpu_s"] > 0
     assert "report:" in capsys.readouterr().out
+    # --report-only rebuilds the same report from the saved rows.
+    (tmp_path / "report.md").unlink()
+    assert bench.main(["--config", str(SMOKE), "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "report.md").read_text() == report
 
 
 def test_every_registry_type_has_a_method(bench):
