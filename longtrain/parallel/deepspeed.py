@@ -12,8 +12,9 @@ the global valid-token count, so `ds_backward` multiplies by the dp group size a
 scaling: gradients come out summed, as with FSDP's divide factor 1.
 
 Install: `pip install deepspeed` (tested with 0.19.8, torch 2.13). On a CPU-only machine DeepSpeed
-picks its CPU accelerator by itself (set DS_ACCELERATOR=cpu to skip the probe) and uses gloo when
-oneCCL is not installed; DeepSpeed's CPU Adam needs a C++ toolchain, so tests use torch.optim.AdamW.
+picks its CPU accelerator by itself (set DS_ACCELERATOR=cpu to skip the probe), uses gloo when oneCCL
+is not installed, and JIT-compiles a shared-memory comm op (and CPU Adam for optimizer offload) into
+~/.cache/torch_extensions on first use: a C++ compiler must be present (ninja comes with deepspeed).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int
         zero_stage: 0 (plain data parallel), 1, 2 or 3.
         dtype: compute dtype (fp32, bf16, fp16).
         optimizer_factory: builds the torch optimizer from the parameters (DeepSpeed must own it
-            from the start); default AdamW(lr=1e-4).
+            from the start); default AdamW(lr=1e-4), DeepSpeedCPUAdam with offload_optimizer.
         offload_optimizer, offload_params: ZeRO-Offload of optimizer state / parameters to the CPU.
 
     Returns:
@@ -115,15 +116,21 @@ def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int
     if zero_stage == 3:
         # The output weight is used outside lm_head's forward: let ZeRO-3 gather it for this forward.
         deepspeed.zero.register_external_parameter(wrapper, model.output_weight)
-    if optimizer_factory is None:
-        optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-4)
-    else:
+    config = deepspeed_config(zero_stage, dtype, offload_optimizer=offload_optimizer, offload_params=offload_params)
+    if optimizer_factory is not None:
         optimizer = optimizer_factory(wrapper.parameters())
+        # The caller chose the optimizer: let DeepSpeed run it on offloaded states too.
+        config["zero_force_ds_cpu_optimizer"] = False
+    elif offload_optimizer:
+        # Offloaded optimizer states are stepped on the CPU: DeepSpeed's vectorised CPU Adam (a C++ op
+        # that DeepSpeed compiles on first use).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(wrapper.parameters(), lr=1e-4, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(wrapper.parameters(), lr=1e-4)
     os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % max(1, torch.cuda.device_count() or 1)))
-    engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer,
-                                      config=deepspeed_config(zero_stage, dtype, offload_optimizer=offload_optimizer,
-                                                              offload_params=offload_params),
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=config, dist_init_required=False)
     return engine
 
 

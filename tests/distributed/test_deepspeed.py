@@ -56,3 +56,41 @@ def test_deepspeed_zero3_cp2():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip DeepSpeed's accelerator probe on CPU machines
     with tempfile.TemporaryDirectory() as tmp:
         run_ranks(_zero3, 2, tmp)
+
+
+def _zero3_offload(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from longtrain.kernels.attention import attention_reference
+    from longtrain.model.args import model_flavor
+    from longtrain.model.decoder import Transformer
+    from longtrain.parallel.context_parallel import apply_cp
+    from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+    from longtrain.parallel.deepspeed import deepspeed_wrap, ds_backward
+    from longtrain.parallel.dims import ParallelDims
+    from longtrain.trainer.check_parallel import _loss_sum, make_packed_batches
+
+    mesh = ParallelDims(cp=2, world_size=world).build_mesh("cpu")
+    model = Transformer(model_flavor("debug"))
+    model.init_weights(0)
+    batch = make_packed_batches(1, 1, 40, 512, seed=4)[0]
+    first_ref = float(_loss_sum(model, batch, None)) / batch.num_valid_tokens  # cp=1, before any update
+    apply_cp(model, "ring", mesh, attention_reference)
+    engine = deepspeed_wrap(model, mesh, zero_stage=3, offload_optimizer=True, offload_params=True)
+    local = prepare_cp_inputs(batch, rank, world)
+    losses = []
+    for _ in range(3):
+        loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local)) / batch.num_valid_tokens
+        ds_backward(engine, loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(float(total))
+    assert abs(losses[0] - first_ref) / first_ref < FP32_TOL, (losses, first_ref)
+    assert losses[2] < losses[0], losses  # the offloaded CPU Adam updates the partitioned weights
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam op on first use
+def test_deepspeed_zero3_offload_trains():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    run_ranks(_zero3_offload, 2)
