@@ -152,7 +152,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     Raises:
         ValueError: bad degrees, modes or sequence length.
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     if mode == "ulysses":
         ulysses = cp
     dims = ParallelDims(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ulysses=ulysses, world_size=world)
