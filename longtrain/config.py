@@ -385,10 +385,11 @@ def build_recipe(raw: dict, overrides: list[str] | None = None, file: str = "<re
     recipe.source = file
     from longtrain.model.rope import validate_rope
 
+    head_dim = recipe.model.model_args().head_dim if recipe.model.flavor else None  # HF dirs: checked at load
     for i, st in enumerate(recipe.stages):
         if st.rope is not None:
             try:  # normalised: floats as floats, defaults filled (what the checkpoint and export will carry)
-                st.rope = validate_rope(st.rope, f"stages[{i}].rope")
+                st.rope = validate_rope(st.rope, f"stages[{i}].rope", head_dim=head_dim)
             except ValueError as e:
                 raise RecipeError(f"{file}: {e}") from None
     _check_layout(recipe, file)

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 RAW = {
     "name": "torchrun",
     "model": {"flavor": "debug", "overrides": {"n_layers": 1}},
-    # loss on the answer only: a few valid labels per sequence, unevenly spread over the cp shards.
+    # Loss on the answer only: the few valid labels sit at the end of each sequence, i.e. in zigzag chunk 3 of 4,
+    # which cp rank 0 holds: cp rank 1 has zero valid tokens and must contribute exactly 0 (not 0/0).
     "data": {"sources": [{"path": "synthetic:passkey", "options": {"digits": 3, "loss_on": "answer"}}]},
     "train": {"optimizer": {"lr": 3.0e-3}},
     "logging": {"progress_bar": False, "plot": False},
