@@ -83,12 +83,19 @@ class ModelConfig:
         _choice("attention", self.attention, ATTENTION_BACKENDS)
 
     def model_args(self) -> ModelArgs:
-        """The ModelArgs of a flavor (with overrides), or those in the HF directory's config.json."""
+        """The ModelArgs of a flavor (with overrides), or those in the HF directory's config.json.
+
+        Raises:
+            ValueError: model.path has no config.json.
+        """
         if self.flavor is not None:
             return dataclasses.replace(copy.deepcopy(MODEL_FLAVORS[self.flavor]), **self.overrides)
         from longtrain.model.hf import args_from_hf_config
 
         path = Path(self.path) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model.path = {self.path!r}: {path} does not exist; model.path must be a Hugging "
+                             f"Face model directory (config.json + safetensors), or use model.flavor")
         return args_from_hf_config(json.loads(path.read_text()), str(path))
 
 
