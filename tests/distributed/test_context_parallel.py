@@ -159,6 +159,9 @@ def _world4(rank: int, world: int) -> None:
     # FSDP2 dp_shard=2 x cp=2: different data per dp rank, global token normalisation.
     rep = check_parallel(debug, 45, cp=2, mode="ring", dp_shard=2, sharding="fsdp2")
     _assert_ok(rep, "fsdp2 dp_shard=2 x cp=2")
+    # HSDP: dp_replicate=2 x cp=2 (replicas all-reduce, shards reduce-scatter; both sum).
+    rep = check_parallel(debug, 45, cp=2, mode="allgather", dp_replicate=2, dp_shard=1, sharding="fsdp2", n_batches=1)
+    _assert_ok(rep, "hsdp dp_replicate=2 x cp=2")
     # GQA where n_kv_heads (3) and the Ulysses degree (4) are coprime: K/V heads replicated to lcm = 12.
     gqa = model_flavor("debug", n_heads=12, n_kv_heads=3)
     _assert_ok(check_parallel(gqa, 45, cp=4, mode="ulysses", sharding="none"), "ulysses kv=3 cp=4")
