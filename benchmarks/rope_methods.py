@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts, not a package
 
@@ -200,7 +201,13 @@ def _recipe(cfg: BenchConfig, name: str, run_dir: Path, model: dict, stage: dict
 
 
 def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tuple[Path, float]:
-    """Train the base model at L through the trainer; returns its run directory and last loss."""
+    """Train the base model at L through the trainer; returns its run directory and last loss.
+
+    A finished base run already in `out` whose saved recipe equals the one generated now (same model, data,
+    steps, schedule) is reused instead of trained again, so a comparison can be re-run with other extension
+    settings from the same base.
+    """
+    from longtrain.trainer.checkpoint import complete_checkpoints
     from longtrain.trainer.train import train
 
     b = cfg.base
@@ -211,8 +218,18 @@ def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tup
                                                                   "steps": b.steps},
                      {"lr": b.lr, "warmup_steps": b.warmup_steps, "min_lr_ratio": b.min_lr_ratio,
                       "micro_batch": b.micro_batch}, data_path, f"{source} (generated base recipe)")
+    run_dir = Path(recipe.run_dir)
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file() and complete_checkpoints(run_dir / "checkpoints") and \
+            yaml.safe_load(saved.read_text()) == yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False)):
+        logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if line.startswith("{")]
+        last = [m for m in logged if m.get("step") == b.steps and "loss" in m]
+        if last:
+            print(f"base: reusing the finished base run in {run_dir} (same recipe)", flush=True)
+            return run_dir, last[-1]["loss"]
     res = train(recipe)
-    return Path(recipe.run_dir), res.losses[max(res.losses)]
+    return run_dir, res.losses[max(res.losses)]
 
 
 def train_extension(cfg: BenchConfig, out: Path, base_hf: Path, method: str, f: int, rope: dict, max_pos: int,
