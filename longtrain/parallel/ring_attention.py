@@ -34,7 +34,7 @@ from longtrain.parallel.cp_ops import all_gather_meta, merge_partials
 
 
 @dataclass
-class _Block:
+class RingBlock:
     rows: slice  # local query positions
     cols: slice  # positions in the source rank's K/V
     mask: AttnMask
@@ -44,7 +44,7 @@ class _Block:
 class _RingPlan:
     """Which sub-block each ring step computes (None: fully masked, skipped). One per forward pass."""
 
-    blocks: list[_Block | None]  # indexed by step; step s holds the K/V of rank (rank - s) % world
+    blocks: list[RingBlock | None]  # indexed by step; step s holds the K/V of rank (rank - s) % world
     send_to: int  # global rank of the next rank in the ring
     recv_from: int
 
@@ -53,10 +53,18 @@ def _halves(n: int) -> list[slice]:
     return [slice(0, n // 2), slice(n // 2, n)] if n % 2 == 0 and n >= 2 else [slice(0, n)]
 
 
-def _build_plan(mask: AttnMask, group: ProcessGroup) -> _RingPlan:
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    k_index = all_gather_meta(mask.k_index, group)  # (bs, world * sk)
-    k_doc = all_gather_meta(mask.k_doc, group) if mask.k_doc is not None else None
+def ring_blocks(mask: AttnMask, k_index: Tensor, k_doc: Tensor | None, rank: int, world: int,
+                ) -> list[RingBlock | None]:
+    """The sub-block each ring step computes on `rank` (None: fully masked, skipped). No communication.
+
+    Args:
+        mask: this rank's local AttnMask.
+        k_index, k_doc: (bs, world * sk) key metadata of all ranks in rank order.
+        rank, world: position in the ring.
+
+    Returns:
+        One entry per step; step s holds the K/V of rank (rank - s) % world.
+    """
     sq, sk = mask.q_index.shape[1], mask.k_index.shape[1]
     q_parts, k_parts = _halves(sq), _halves(sk)
     # Per sub-chunk bounds over the whole batch, on the host once per forward pass (one sync).
@@ -66,7 +74,7 @@ def _build_plan(mask: AttnMask, group: ProcessGroup) -> _RingPlan:
     k_min = torch.stack([kk[:, :, p].amin(dim=(0, 2)) for p in k_parts], dim=1)  # (world, n_k_parts)
     k_max = torch.stack([kk[:, :, p].amax(dim=(0, 2)) for p in k_parts], dim=1)
     q_max, q_min, k_min, k_max = q_max.tolist(), q_min.tolist(), k_min.tolist(), k_max.tolist()
-    blocks: list[_Block | None] = []
+    blocks: list[RingBlock | None] = []
     for step in range(world):
         src = (rank - step) % world
         need = [[k_min[src][b] <= q_max[a] and (mask.window is None or q_min[a] - k_max[src][b] < mask.window)
@@ -79,11 +87,19 @@ def _build_plan(mask: AttnMask, group: ProcessGroup) -> _RingPlan:
         r = slice(q_parts[rows[0]].start, q_parts[rows[-1]].stop)
         c = slice(k_parts[cols[0]].start, k_parts[cols[-1]].stop)
         src_cols = slice(src * sk + c.start, src * sk + c.stop)
-        blocks.append(_Block(r, c, AttnMask(
+        blocks.append(RingBlock(r, c, AttnMask(
             q_index=mask.q_index[:, r], k_index=k_index[:, src_cols],
             q_doc=None if mask.q_doc is None else mask.q_doc[:, r],
             k_doc=None if k_doc is None else k_doc[:, src_cols], window=mask.window, contiguous=False)))
-    return _RingPlan(blocks, send_to=dist.get_global_rank(group, (rank + 1) % world),
+    return blocks
+
+
+def _build_plan(mask: AttnMask, group: ProcessGroup) -> _RingPlan:
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    k_index = all_gather_meta(mask.k_index, group)  # (bs, world * sk)
+    k_doc = all_gather_meta(mask.k_doc, group) if mask.k_doc is not None else None
+    return _RingPlan(ring_blocks(mask, k_index, k_doc, rank, world),
+                     send_to=dist.get_global_rank(group, (rank + 1) % world),
                      recv_from=dist.get_global_rank(group, (rank - 1) % world))
 
 
@@ -152,7 +168,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _block_grads(q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
-                 blk: _Block, backend: AttentionFn, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                 blk: RingBlock, backend: AttentionFn, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one ring block (see the module docstring), fp32."""
     with torch.enable_grad():
         qb = q[:, blk.rows].detach().requires_grad_()

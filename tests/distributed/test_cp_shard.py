@@ -86,3 +86,51 @@ def test_parallel_dims():
         ParallelDims(cp=4, ulysses=3, world_size=4)
     with pytest.raises(ValueError, match="dp_shard=0"):
         ParallelDims(dp_shard=0, world_size=1)
+
+
+@pytest.mark.parametrize("mode,layout,ulysses,window", [("ring", "zigzag", 1, None), ("ring", "contiguous", 1, None),
+                                                        ("ring", "zigzag", 1, 7), ("allgather", "zigzag", 1, None),
+                                                        ("ulysses", "zigzag", 1, None), ("hybrid", "zigzag", 2, None),
+                                                        ("hybrid_allgather", "zigzag", 2, None)])
+def test_local_attention_calls_rebuild_full_attention(mode, layout, ulysses, window):
+    """The per-rank calls cp_local_check enumerates, LSE-merged, are exactly full attention (fp32, 1e-5)."""
+    from longtrain.kernels.attention import AttnMask, attention_reference
+    from longtrain.parallel.cp_local_check import local_attention_calls
+    from longtrain.parallel.cp_ops import merge_partials
+
+    batch = _batch(seqlen=45)
+    cp, bs, seqlen, h, d = 4, 2, 45, 2, 8
+    calls = local_attention_calls(batch, cp, mode, layout, ulysses, window)
+    padded = 1 + max(int(c.mask.k_index.max()) for c in calls)
+    q, k, v = (torch.randn(bs, padded, h, d) for _ in range(3))
+    out = torch.zeros(bs, padded, h, d)
+    lse = torch.full((bs, h, padded), float("-inf"))
+    for call in calls:
+        qi, ki = call.mask.q_index, call.mask.k_index
+        take = lambda x, i: torch.stack([x[b, i[b]] for b in range(bs)])  # noqa: E731
+        o, l = attention_reference(take(q, qi), take(k, ki), take(v, ki), call.mask, d ** -0.5)
+        cur_o, cur_l = take(out, qi), torch.stack([lse[b][:, qi[b]] for b in range(bs)])
+        new_o, new_l = merge_partials(cur_o, cur_l, o, l)
+        for b in range(bs):
+            out[b, qi[b]], lse[b][:, qi[b]] = new_o[b], new_l[b]
+    ref_out, ref_lse = attention_reference(q[:, :seqlen], k[:, :seqlen], v[:, :seqlen],
+                                           AttnMask.causal(bs, seqlen, "cpu", batch.doc_ids, window), d ** -0.5)
+    assert torch.isfinite(lse[..., :seqlen]).all()  # every real query was computed
+    assert (out[:, :seqlen] - ref_out).abs().max() / ref_out.abs().max() < 1e-5
+    assert (lse[..., :seqlen] - ref_lse).abs().max() / ref_lse.abs().max() < 1e-5
+    if mode == "ring" and layout == "zigzag" and window is None:
+        # Zigzag balance: every step after the first computes half a block (rows x cols = s*s/2) on every rank.
+        s = (padded // cp)
+        sizes = {c.what: c.mask.q_index.shape[1] * c.mask.k_index.shape[1] for c in calls if "step 0" not in c.what}
+        assert set(sizes.values()) == {s * s // 2}, sizes
+
+
+def test_cp_local_check_flex_forward_on_cpu():
+    """flex_attention (eager on CPU, forward only: no CPU backward) takes every ring block mask of a
+    packed zigzag layout and matches the reference within 1e-5 (fp32)."""
+    from longtrain.parallel.cp_local_check import check_backend, local_attention_calls
+
+    calls = local_attention_calls(_batch(seqlen=45), 4, "ring", "zigzag")
+    rows = check_backend("flex", calls, n_heads=4, n_kv_heads=2, head_dim=16, dtype=torch.float32, device="cpu",
+                         grad=False)
+    assert len(rows) == len(calls) and max(max(r["out"], r["lse"]) for r in rows) < 1e-5, rows
