@@ -85,14 +85,16 @@ def perplexity_table(results: Sequence[dict]) -> str:
 def plot_heatmaps(results: Sequence[dict], task: str, path: Path) -> None:
     """One length x depth accuracy heatmap per model, side by side, annotated with the percentages."""
     have = [(n, r["retrieval"][task]) for n, r in zip(_names(results), results) if task in r.get("retrieval", {})]
-    fig, axes = plt.subplots(1, len(have), figsize=(1.2 + 0.9 * len(have[0][1]["depths"]) * len(have), 0.6 +
-                                                   0.5 * len(have[0][1]["lengths"]) + 1.0), squeeze=False)
-    for ax, (name, g) in zip(axes[0], have):
+    width = 1.6 + 0.9 * max(3, len(have[0][1]["depths"]))
+    fig, axes = plt.subplots(1, len(have), figsize=(width * len(have) + 1.0, 1.6 + 0.5 * len(have[0][1]["lengths"])),
+                             squeeze=False)
+    for k, (ax, (name, g)) in enumerate(zip(axes[0], have)):
         im = ax.imshow(g["accuracy"], vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
         ax.set_xticks(range(len(g["depths"])), [f"{d:.2f}" for d in g["depths"]])
         ax.set_yticks(range(len(g["lengths"])), [str(L) for L in g["lengths"]])
         ax.set_xlabel("needle depth")
-        ax.set_ylabel("context length (tokens)")
+        if k == 0:
+            ax.set_ylabel("context length (tokens)")
         ax.set_title(f"{name}\n{task}, {g['samples']} samples/cell", fontsize=9)
         for i, row in enumerate(g["accuracy"]):
             for j, v in enumerate(row):
