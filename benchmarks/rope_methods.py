@@ -200,8 +200,8 @@ def _recipe(cfg: BenchConfig, name: str, run_dir: Path, model: dict, stage: dict
     return build_recipe(raw, file=source)
 
 
-def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tuple[Path, float]:
-    """Train the base model at L through the trainer; returns its run directory and last loss.
+def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tuple[Path, float, bool]:
+    """Train the base model at L through the trainer; returns its run directory, last loss and whether reused.
 
     A finished base run already in `out` whose saved recipe equals the one generated now (same model, data,
     steps, schedule) is reused instead of trained again, so a comparison can be re-run with other extension
@@ -227,9 +227,9 @@ def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tup
         last = [m for m in logged if m.get("step") == b.steps and "loss" in m]
         if last:
             print(f"base: reusing the finished base run in {run_dir} (same recipe)", flush=True)
-            return run_dir, last[-1]["loss"]
+            return run_dir, last[-1]["loss"], True
     res = train(recipe)
-    return run_dir, res.losses[max(res.losses)]
+    return run_dir, res.losses[max(res.losses)], False
 
 
 def train_extension(cfg: BenchConfig, out: Path, base_hf: Path, method: str, f: int, rope: dict, max_pos: int,
@@ -307,7 +307,7 @@ def run(cfg: BenchConfig, out: Path, source: str) -> list[dict]:
     meta["heldout"] = {"documents": len(heldout), "tokens_each": len(heldout[0])}
 
     t = time.time()
-    base_run, base_loss = train_base(cfg, out, data_files[cfg.base.seq_len], source)
+    base_run, base_loss, meta["base_reused"] = train_base(cfg, out, data_files[cfg.base.seq_len], source)
     meta["timings"]["base_train_s"] = time.time() - t
     model, _, _ = load_for_eval(base_run, device="cpu")
     base_hf = save_hf(model, out / "base_hf", overwrite=True)

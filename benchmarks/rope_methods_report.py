@@ -134,7 +134,8 @@ def write_report(rows: list[dict], meta: dict, out: Path, plots: bool = True) ->
              f"{meta['cpu_count']} CPUs ({meta['cpu']}), torch {meta['torch']}, {meta['torch_threads']} threads; "
              f"load average before {meta['load_before'][0]:.1f}, after {meta.get('load_after', [math.nan])[0]:.1f}",
              f"- model: {meta['model']['params']:,} parameters; base trained {cfg['base']['steps']} steps at "
-             f"L = {L}; extensions {cfg['extension']['steps']} steps of {cfg['extension']['tokens_per_step']} "
+             f"L = {L}{' (reused from an earlier invocation with the same recipe)' if meta.get('base_reused') else ''}"
+             f"; extensions {cfg['extension']['steps']} steps of {cfg['extension']['tokens_per_step']} "
              f"tokens at f x L, lr {cfg['extension']['lr']:g} cosine, warmup {cfg['extension']['warmup_steps']}",
              f"- eval: perplexity on {meta['heldout']['documents']} held-out documents x "
              f"{meta['heldout']['tokens_each']} tokens (the same tokens at every length); passkey "

@@ -74,12 +74,12 @@ def test_end_to_end_two_methods(bench, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["heldout"] == {"documents": 1, "tokens_each": 2 * L}
-    assert meta["timings"]["process_cpu_s"] > 0
+    assert meta["timings"]["process_cpu_s"] > 0 and meta["base_reused"] is False
     assert "report:" in capsys.readouterr().out
     # A finished base run with the same recipe is reused, not trained again.
-    run_dir, loss = bench.train_base(bench.load_config(SMOKE), tmp_path, tmp_path / "data" / f"train_{L}.jsonl",
+    run_dir, loss, reused = bench.train_base(bench.load_config(SMOKE), tmp_path, tmp_path / "data" / f"train_{L}.jsonl",
                                      str(SMOKE))
-    assert run_dir == tmp_path / "runs" / "base" and loss == base["train_loss"]
+    assert run_dir == tmp_path / "runs" / "base" and loss == base["train_loss"] and reused
     assert "reusing the finished base run" in capsys.readouterr().out
     # --report-only rebuilds the same report from the saved rows.
     (tmp_path / "report.md").unlink()
