@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 # Keys of a rope block not worth a table column (they follow from the others or are the defaults).
 _HIDDEN_KEYS = ("rope_type", "short_factor", "long_factor")
@@ -82,6 +83,10 @@ def plot_perplexity(rows: list[dict], factors: list[int], steps: list[int], L: i
             ax.axvline(f * L, color="grey", ls="-.", lw=1)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 15, 20 rather than 1.5 x 10^1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_xlabel("eval length (tokens)")
             ax.set_ylabel("perplexity (held-out, capped at 1e4)")
             ax.set_title(f"extended {f}x, {'training-free' if s == 0 else f'{s} steps'}", fontsize=10)
@@ -93,8 +98,9 @@ def plot_perplexity(rows: list[dict], factors: list[int], steps: list[int], L: i
 
 def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multiples: list[int], path: Path) -> None:
     """Passkey accuracy heat maps (methods x eval lengths, mean over depths), one per (factor, steps)."""
-    fig, axes = plt.subplots(len(steps), len(factors), figsize=(3.2 + 0.9 * len(multiples) * len(factors),
-                                                                 0.6 + 3.6 * len(steps)), squeeze=False)
+    fig, axes = plt.subplots(len(steps), len(factors), figsize=(2.5 + 1.9 * len(factors) + 0.6 * len(multiples)
+                                                                 * len(factors), 0.6 + 3.6 * len(steps)),
+                             squeeze=False, layout="constrained")
     im = None
     for i, s in enumerate(steps):
         for j, f in enumerate(factors):
@@ -109,7 +115,7 @@ def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multipl
                 for b, v in enumerate(row):
                     ax.text(b, a, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="passkey exact match", shrink=0.7)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
