@@ -46,14 +46,15 @@ def hyper_table(rows: list[dict]) -> str:
 def results_table(rows: list[dict], factor: int, multiples: list[int], L: int) -> str:
     """Perplexity and passkey accuracy at each eval length for the methods extended by `factor`."""
     head = (["method", "steps"] + [f"ppl {m}x ({m * L})" for m in multiples]
-            + [f"passkey {m}x" for m in multiples] + ["last train loss"])
+            + [f"passkey {m}x (tokens)" for m in multiples] + ["last train loss"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["factor"] not in (1, factor):
             continue
         cells = [r["method"] if r["method"] != "base" else "base (L, no extension)", str(r["steps"])]
         cells += [_fmt_ppl(r["ppl"].get(str(m))) for m in multiples]
-        cells += [_fmt_acc(r["passkey"].get(str(m))) for m in multiples]
+        tok = r.get("passkey_token", {})
+        cells += [f"{_fmt_acc(r['passkey'].get(str(m)))} ({_fmt_acc(tok.get(str(m)))})" for m in multiples]
         cells.append("-" if r["train_loss"] is None else f"{r['train_loss']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -96,8 +97,12 @@ def plot_perplexity(rows: list[dict], factors: list[int], steps: list[int], L: i
     plt.close(fig)
 
 
-def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multiples: list[int], path: Path) -> None:
-    """Passkey accuracy heat maps (methods x eval lengths, mean over depths), one per (factor, steps)."""
+def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multiples: list[int], path: Path,
+                 key: str = "passkey") -> None:
+    """Passkey heat maps (methods x eval lengths, mean over depths), one per (factor, steps).
+
+    `key` "passkey" plots exact match, "passkey_token" the fraction of answer tokens predicted right.
+    """
     fig, axes = plt.subplots(len(steps), len(factors), figsize=(2.5 + 1.9 * len(factors) + 0.6 * len(multiples)
                                                                  * len(factors), 0.6 + 3.6 * len(steps)),
                              squeeze=False, layout="constrained")
@@ -106,7 +111,7 @@ def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multipl
         for j, f in enumerate(factors):
             ax = axes[i][j]
             sel = [r for r in rows if r["method"] == "base"] + [r for r in rows if r["factor"] == f and r["steps"] == s]
-            grid = [[r["passkey"][str(m)] for m in multiples] for r in sel]
+            grid = [[r.get(key, {}).get(str(m), math.nan) for m in multiples] for r in sel]
             im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(multiples)), [f"{m}x" for m in multiples])
             ax.set_yticks(range(len(sel)), [r["method"] for r in sel])
@@ -114,7 +119,8 @@ def plot_passkey(rows: list[dict], factors: list[int], steps: list[int], multipl
             for a, row in enumerate(grid):
                 for b, v in enumerate(row):
                     ax.text(b, a, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="passkey exact match", shrink=0.7)
+    label = "passkey exact match" if key == "passkey" else "passkey answer-token accuracy"
+    fig.colorbar(im, ax=axes.ravel().tolist(), label=label, shrink=0.7)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -133,6 +139,8 @@ def write_report(rows: list[dict], meta: dict, out: Path, plots: bool = True) ->
     if plots:
         plot_perplexity(rows, factors, steps, L, out / "perplexity.png")
         plot_passkey(rows, factors, steps, multiples, out / "passkey.png")
+        if all("passkey_token" in r for r in rows):
+            plot_passkey(rows, factors, steps, multiples, out / "passkey_tokens.png", key="passkey_token")
     t = meta["timings"]
     lines = [f"# RoPE methods: {cfg['name']}", "",
              f"- command: `{meta['command']}`; config `{meta['config_file']}`",
@@ -161,7 +169,11 @@ def write_report(rows: list[dict], meta: dict, out: Path, plots: bool = True) ->
             lines.append(f"- ranking by perplexity at {f * L} tokens, {'training-free' if s == 0 else f'{s} steps'}: "
                          + " < ".join(f"{m} ({_fmt_ppl(p)})" for m, p in order))
         lines.append("")
-    lines += ["![perplexity by length](perplexity.png)", "", "![passkey](passkey.png)", ""]
+    lines += ["Passkey cells: exact match (answer-token accuracy). With a d-digit key after a space token, guessing "
+              "scores about (1 + d / 10) / (d + 1) of the answer tokens.", "",
+              "![perplexity by length](perplexity.png)", "", "![passkey](passkey.png)", ""]
+    if (out / "passkey_tokens.png").is_file():
+        lines += ["![passkey answer tokens](passkey_tokens.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
