@@ -61,11 +61,12 @@ def main() -> int:
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        flce, loss_name = LigerFusedLinearCrossEntropyLoss(reduction="sum"), "liger-flce"
+    try:  # liger's fused linear cross-entropy (and its RMSNorm/SwiGLU/RoPE) patched into HF Llama
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+        loss_name = "liger-flce"
     except ImportError:
-        flce, loss_name = None, "hf-full-logits"
+        loss_name = "hf-full-logits"
     for tpg in (int(t) for t in a.tokens_per_gpu.split(",")):
         seq = tpg * world
         result = {"side": "hf+native-cp+liger", "loss": loss_name, "cp": world, "tokens_per_gpu": tpg, "seq_len": seq}
@@ -83,14 +84,10 @@ def main() -> int:
                 buf = [inputs.clone(), labels.clone(), positions.clone()]
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]), \
                         context_parallel(mesh, buffers=buf, buffer_seq_dims=[1, 1, 1]):
-                    hidden = model.model(input_ids=buf[0], position_ids=buf[2]).last_hidden_state
-                    h = hidden.reshape(-1, hidden.shape[-1])
-                    if flce is not None:
-                        loss = flce(model.lm_head.weight, h, buf[1].reshape(-1))
-                    else:
-                        loss = torch.nn.functional.cross_entropy(model.lm_head(h).float(), buf[1].reshape(-1),
-                                                                 reduction="sum")
-                    (loss / seq).backward()
+                    # The root forward (FSDP2 gathers the tied embedding / lm_head there); labels are
+                    # already shifted and sharded, so pass them as shift_labels.
+                    loss = model(input_ids=buf[0], position_ids=buf[2], labels=buf[1], shift_labels=buf[1]).loss
+                    loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
