@@ -272,7 +272,7 @@ class StageConfig:
     seq_len: int  # tokens per sequence
     steps: int  # optimizer steps in this stage
     rope: dict | None = None  # HF rope_parameters block (rope_type, rope_theta, factor, ...); None: keep the model's
-    max_position_embeddings: int | None = None  # written to the exported config; None: max(current, seq_len)
+    max_position_embeddings: int | None = None  # config.json value; None: by rope type (build.stage_max_positions)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)

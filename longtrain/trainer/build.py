@@ -125,8 +125,26 @@ def stage_rope(recipe: Recipe, stage_index: int, base: dict) -> dict:
     return dict(base)
 
 
-def stage_max_positions(stage: StageConfig, current: int) -> int:
-    return stage.max_position_embeddings or max(current, stage.seq_len)
+def stage_max_positions(stage: StageConfig, current: int, base: int) -> int:
+    """config.json's `max_position_embeddings` while `stage` runs (model/rope.py `export_rope` explains why the
+    meaning depends on the rope type): linear / dynamic keep the base model's pretraining length (vLLM multiplies
+    it by the factor; dynamic starts scaling there), yarn is original x factor, the others the trained length.
+
+    Args:
+        stage: the stage; its explicit `max_position_embeddings` wins.
+        current: the value before this stage.
+        base: the value of the model the run started from (its pretraining length).
+    """
+    if stage.max_position_embeddings:
+        return stage.max_position_embeddings
+    rope = stage.rope or {}
+    match rope.get("rope_type"):
+        case "linear" | "dynamic":
+            return base
+        case "yarn":
+            return int(rope["original_max_position_embeddings"] * rope["factor"])
+        case _:
+            return max(current, stage.seq_len)
 
 
 def args_dict(args: ModelArgs) -> dict:

@@ -43,7 +43,7 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
         for name, nxt in variants:
             old_rope, old_max = dict(model.args.rope), model.args.max_position_embeddings
             if nxt is not None:
-                model.set_rope(nxt.rope, stage_max_positions(nxt, old_max))
+                model.set_rope(nxt.rope, stage_max_positions(nxt, old_max, old_max))
             try:
                 res = evaluate(model, tokenizer, cfg.lengths, tasks=cfg.tasks, depths=cfg.depths,
                                samples=cfg.samples, out_dir=None, name=name, batch_size=cfg.batch_size,

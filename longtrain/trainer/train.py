@@ -114,6 +114,9 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
                inject_nan: bool, generator: torch.Generator | None = None) -> StepStats:
     """Forward, backward and (unless the loss or gradients are not finite) one optimizer update."""
     local_valid = sum(b.num_valid_tokens for b in batches)
+    # Length-dependent ropes (dynamic, longrope) pick frequencies from the longest position: take it from the
+    # global batch, so every cp shard uses the same frequencies as one process would.
+    rope_lens = [int(b.position_ids.max()) + 1 for b in batches]
     if layout.cp_size > 1:  # cp ranks see the same global batch; each counts only the tokens it will hold
         from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
 
@@ -126,7 +129,7 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
     window = model.args.sliding_window
     chunkwise = stage.memory.chunkwise
-    for b in batches:
+    for b, rope_len in zip(batches, rope_lens):
         b = b.to(info.device)
         if chunkwise is not None:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO)
             from longtrain.trainer.chunkwise import chunkwise_forward_backward
@@ -135,7 +138,7 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
                                            loss_normalizer=float(denom), generator=generator)
         else:
             mask = local_attn_mask(b, window) if layout.cp_size > 1 else None
-            hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask)
+            hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask, rope_seq_len=rope_len)
             s = linear_cross_entropy(hidden, model.output_weight, b.labels)
             if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
                 s = s * float("nan")
@@ -311,7 +314,7 @@ def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_po
     rope = build.stage_rope(recipe, si, base_rope)
     max_pos = base_max_pos
     for st in recipe.stages[: si + 1]:
-        max_pos = build.stage_max_positions(st, max_pos)
+        max_pos = build.stage_max_positions(st, max_pos, base_max_pos)
     if rope != model.args.rope or max_pos != model.args.max_position_embeddings:
         model.set_rope(rope, max_pos)
 
