@@ -103,6 +103,13 @@ def test_every_registry_type_has_a_method(bench):
     assert abf["rope_theta"] == cfg.abf_theta
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_shipped_configs_compare_every_method(bench, name):
+    cfg = bench.load_config(ROOT / "benchmarks" / "configs" / f"rope_methods_{name}.yaml")
+    assert cfg.methods == list(bench.METHOD_TYPES) and cfg.extension.factors == [4, 8]
+    assert cfg.eval.multiples == [1, 2, 4, 8]
+
+
 def test_longrope_candidates(bench):
     cfg = bench.load_config(SMOKE)
     f, n = 4, 8
