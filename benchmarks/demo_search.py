@@ -63,7 +63,8 @@ class Trial:
     answer_weight: float = 1.0  # weight of answer tokens relative to filler tokens (0 filler weight if < 0)
     filler_weight: float = 1.0
     digits: int = 3
-    filler: str = "repeat"  # repeat | random | text (longtrain.data.synthetic)
+    filler: str = "repeat"  # repeat | random | text | echo (longtrain.data.synthetic)
+    template: str = "classic"  # classic | compact (longtrain.data.synthetic.PASSKEY_TEMPLATES)
     ext_method: str = "linear"  # linear | yarn | abf | none
     ext_factor: float = 4.0
     ext_steps: int = 60
@@ -91,7 +92,7 @@ def sample(t: Trial, seq_len: int, depth: float, rng: random.Random) -> tuple[li
     """(ids, answer_start, answer_ids) of one passkey sequence from longtrain.data.synthetic."""
     from longtrain.data.synthetic import passkey_sample
 
-    s = passkey_sample(tokenizer(), seq_len, depth, rng, digits=t.digits, filler=t.filler)
+    s = passkey_sample(tokenizer(), seq_len, depth, rng, digits=t.digits, filler=t.filler, template=t.template)
     return s.input_ids, s.answer_start, s.answer_ids
 
 

@@ -27,7 +27,8 @@ log = logging.getLogger("longtrain.data")
 
 # Options of synthetic sources (SourceSpec.options) and their defaults.
 SYNTHETIC_OPTIONS: dict[str, dict[str, Any]] = {
-    "passkey": {"length": None, "loss_on": "all", "depth": None, "digits": 5, "filler": "repeat"},
+    "passkey": {"length": None, "loss_on": "all", "depth": None, "digits": 5, "filler": "repeat",
+                "template": "classic"},
     "needle": {"length": None, "loss_on": "all", "depth": None, "n_keys": 4, "n_values": 1, "n_queries": 1,
                "filler": "text"},
     "shuffled_chunks": {"length": None, "loss_on": "all", "n_chunks": 8, "task": "restore"},

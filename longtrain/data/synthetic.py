@@ -25,7 +25,7 @@ from longtrain.data.batch import IGNORE_INDEX, Batch
 from longtrain.data.corpus import _ADJS, _NAMES, _NOUNS, _PLACES, _VERBS, read_tiny_corpus
 from longtrain.data.tokenizer import Tokenizer
 
-FILLERS = ("repeat", "random", "text")
+FILLERS = ("repeat", "random", "text", "echo")
 # The classic passkey filler (Mohtashami & Jaggi 2023).
 _REPEAT_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
@@ -62,6 +62,17 @@ def _filler_stream(tok: Tokenizer, kind: str, rng: random.Random) -> Iterator[li
             while True:
                 sentence = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
                 yield tok.encode(" " + sentence[0].upper() + sentence[1:] + ".")
+        case "echo":
+            # Two random-word sentences drawn per sample, then repeated: predicting the filler needs copying
+            # from the context (an induction head), the same skill as retrieving the key, so a tiny model gets
+            # a training signal for it on every filler token, not only on the few answer tokens.
+            words = _ADJS + _NOUNS + _VERBS + _NAMES
+            units = []
+            for _ in range(2):
+                sentence = " ".join(rng.choice(words) for _ in range(rng.randint(3, 6)))
+                units.append(tok.encode(" " + sentence[0].upper() + sentence[1:] + "."))
+            while True:
+                yield from units
         case "text":
             docs = _corpus()
             while True:
@@ -128,8 +139,20 @@ def _assemble(tok: Tokenizer, task: str, seq_len: int, head: list[int], filler: 
     return RetrievalSample(ids, answer_start, list(answer), depth, task, answer_text, meta)
 
 
+# Passkey wordings: (head, needle, question). `classic` is Mohtashami & Jaggi's; `compact` says the same in a
+# few tokens and marks the key with a colon used nowhere else, so short contexts keep most tokens for filler
+# and a tiny model can find the key with one induction head (the CPU demo, recipes/tiny-demo.yaml).
+PASSKEY_TEMPLATES = {
+    "classic": ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.",
+                " The pass key is {key}. Remember it. {key} is the pass key.",
+                " What is the pass key? The pass key is"),
+    "compact": ("Find the pass key.", " The pass key: {key}.", " What is the pass key? The pass key:"),
+}
+
+
 def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Random, digits: int = 5,
-                   filler: str = "repeat") -> RetrievalSample:
+                   filler: str = "repeat", template: str = "classic") -> RetrievalSample:
     """A passkey retrieval sequence: a `digits`-long number hidden at `depth` of the filler.
 
     Args:
@@ -138,7 +161,9 @@ def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Rando
         depth: position of the passkey sentence within the filler (0 = start, 1 = end).
         rng: source of randomness (the passkey and random/text filler).
         digits: number of digits of the passkey.
-        filler: "repeat" (the classic grass/sky sentences), "random" (random word sentences) or "text" (the
+        template: the wording, a key of PASSKEY_TEMPLATES ("classic" or "compact").
+        filler: "repeat" (the classic grass/sky sentences), "random" (random word sentences), "echo" (two random
+                sentences per sample, repeated: filler that is learnt by copying) or "text" (the
             bundled corpus).
 
     Returns:
@@ -150,11 +175,13 @@ def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Rando
     _check_common(tok, seq_len, depth)
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
+    if template not in PASSKEY_TEMPLATES:
+        raise ValueError(f"unknown passkey template {template!r}; valid: {', '.join(PASSKEY_TEMPLATES)}")
     key = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 1))
-    head = tok.encode("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                      "it. I will quiz you about the important information there.")
-    needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-    question = tok.encode(" What is the pass key? The pass key is")
+    head_text, needle_text, question_text = PASSKEY_TEMPLATES[template]
+    head = tok.encode(head_text)
+    needle = tok.encode(needle_text.format(key=key))
+    question = tok.encode(question_text)
     answer = tok.encode(f" {key}")
     fixed = int(tok.add_bos) + len(head) + len(needle) + len(question) + len(answer)
     budget = _fixed_len_or_raise("passkey", seq_len, fixed)

@@ -152,3 +152,27 @@ def test_common_words(tok, seq_len):
     assert f" {len(words)}. {words[-1]} Question:" in listed  # the whole list is there, numbered
     with pytest.raises(ValueError, match="too short for 4 words x 30"):
         common_words_sample(tok, 300, random.Random(4), n_common=4, common_freq=30)
+
+
+@pytest.mark.parametrize("filler", ["echo", "repeat"])
+def test_compact_passkey_marks_the_key_once(tok, filler):
+    """The compact wording (the CPU demo's) puts the key after the only ':' before the question, so one
+    induction step finds it; the echo filler repeats per-sample sentences, so it differs between samples."""
+    colon = tok.encode(":")
+    assert len(colon) == 1
+    samples = [passkey_sample(tok, 128, d, random.Random(s), digits=3, filler=filler, template="compact")
+               for s, d in ((0, 0.0), (1, 0.5), (2, 1.0))]
+    for s in samples:
+        assert len(s.input_ids) == 128 and s.input_ids[s.answer_start:] == s.answer_ids
+        before_question = s.input_ids[: s.answer_start - 1]  # the question ends with ':'
+        assert s.input_ids[s.answer_start - 1] == colon[0] and before_question.count(colon[0]) == 1
+        key_at = before_question.index(colon[0]) + 1
+        assert before_question[key_at:key_at + len(s.answer_ids)] == s.answer_ids
+    tails = [passkey_sample(tok, 128, 1.0, random.Random(seed), digits=3, filler=filler, template="compact")
+             for seed in range(3)]  # key at the end: the first 40 tokens are head + filler only
+    assert len({tuple(s.input_ids[8:40]) for s in tails}) == (3 if filler == "echo" else 1)
+
+
+def test_unknown_passkey_template(tok):
+    with pytest.raises(ValueError, match="unknown passkey template 'short'; valid: classic, compact"):
+        passkey_sample(tok, 256, 0.5, random.Random(0), template="short")
