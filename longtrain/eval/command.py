@@ -62,7 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--rope", default=None, help='JSON rope block replacing the model\'s, e.g. '
                                                 '\'{"rope_type": "linear", "rope_theta": 10000, "factor": 4}\'')
     p.add_argument("--digits", type=int, default=5, help="passkey digits")
-    p.add_argument("--filler", default="repeat", help="passkey/needle filler: repeat | random | text")
+    p.add_argument("--filler", default="repeat", help="passkey/needle filler (longtrain.data.synthetic.FILLERS)")
+    p.add_argument("--template", default="classic", help="passkey wording (longtrain.data.synthetic "
+                                                           "PASSKEY_TEMPLATES), e.g. classic | compact")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the report (default: its folder name)")
     p.add_argument("--compare-name", default=None)
@@ -102,7 +104,7 @@ def run_eval(args: argparse.Namespace) -> int:
     # Load both before the (long) evaluation, so a wrong second path fails at once.
     loaded = [(load_for_eval(path, rope=rope, device=args.device, tokenizer=args.tokenizer), path, name)
               for path, name in models]
-    options = {"passkey": {"digits": args.digits, "filler": args.filler}}
+    options = {"passkey": {"digits": args.digits, "filler": args.filler, "template": args.template}}
     options |= {t: {"filler": args.filler} for t in ("needle", "needle_mv", "needle_mq")}
     results = []
     for (model, tok, desc), path, name in loaded:
