@@ -92,7 +92,7 @@ def _brief(res: dict) -> str:
     for task, grid in res.get("retrieval", {}).items():
         parts.append(f"{task} " + ", ".join(f"{L}: {100 * a:.0f}%" for L, a in zip(grid["lengths"], grid["by_length"])))
     for L, r in res.get("perplexity", {}).items():
-        parts.append(f"ppl@{L} {r.get('perplexity', float('nan')):.2f}")
+        parts.append(f"ppl@{L} {r.get('ppl', float('nan')):.2f}")
     return "; ".join(parts)
 
 
