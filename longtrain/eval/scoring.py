@@ -10,7 +10,6 @@ fails before it starts instead of dying in the allocator.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +59,9 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    from longtrain.parallel.offload import host_memory_available  # the one host-RAM probe (offload's budget too)
+
+    return host_memory_available()
 
 
 def max_batch_for_length(model: Transformer, length: int, backend: str, batch_size: int,

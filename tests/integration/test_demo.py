@@ -21,12 +21,12 @@ def test_demo_recipe_reduced_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    table_head = "| passkey accuracy | 256 | 512 | 1024 |"
+    table_head = "| passkey accuracy | 128 | 256 | 512 |"
     assert table_head in out
     summary = (run_dir / "eval" / "summary.md").read_text()
     assert table_head in summary
     rows = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ") and "%" in line]
-    assert rows == ["short-256", "short-256 + long-1024 rope, untrained", "long-1024"]
+    assert rows == ["short-128", "short-128 + long-512 rope, untrained", "long-512"]
     for f in ("loss.png", "metrics.jsonl", "recipe.yaml", "eval/report.md"):
         assert (run_dir / f).is_file(), f
     assert (run_dir / "checkpoints" / "latest" / "COMPLETE").is_file()

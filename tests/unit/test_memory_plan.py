@@ -83,7 +83,7 @@ def test_plan_cli_on_a_recipe(tmp_path: Path, capsys) -> None:
     recipe = ROOT / "recipes" / "tiny-demo.yaml"
     rc = main(["plan", str(recipe), "--gpu-memory-gib", "80"])
     out = capsys.readouterr().out
-    assert rc == 0 and "stage 0 (short-256)" in out and "stage 1 (long-1024)" in out and "fits" in out
+    assert rc == 0 and "stage 0 (short-128)" in out and "stage 1 (long-512)" in out and "fits" in out
     # The same recipe at 512K tokens on a 1B shape does not fit as written and the plan says what would.
     rc = main(["plan", str(recipe), "model.flavor=llama3.2-1b", "model.overrides={}", "model.dtype=bfloat16",
                "stages.1.seq_len=524288", "stages.1.train.micro_batch=1", "--gpu-memory-gib", "80"])
