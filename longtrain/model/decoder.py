@@ -48,7 +48,8 @@ class Attention(nn.Module):
         # RoPE application; kernels.apply_fused_kernels swaps in the fused Triton one (same signature).
         self.rotary_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rotary
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-token part before attention: projections, q/k norm, RoPE (sequence-tiled paths call it alone)."""
         bs, seqlen, _ = x.shape
         # -1 heads: under tensor parallelism the local projection holds a slice of the heads.
         q = self.q_proj(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
@@ -56,7 +57,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bs, seqlen, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_fn(q, cos, sin), self.rotary_fn(k, cos, sin)
+        return self.rotary_fn(q, cos, sin), self.rotary_fn(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask) -> Tensor:
+        bs, seqlen, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         out, _lse = self.attn_fn(q, k, v, mask, self.scale)  # (bs, seqlen, n_heads, head_dim)
         return self.o_proj(out.reshape(bs, seqlen, -1))
 

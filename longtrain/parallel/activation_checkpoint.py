@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from longtrain.model.rope import apply_rotary
 from longtrain.parallel.offload import GIB, ActivationOffloader
 
 AC_MODES = ("none", "selective", "full")
@@ -65,17 +64,9 @@ def attention_ops() -> set:
 def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
     """decoder.Block.forward with its per-token parts run over checkpointed sequence tiles."""
     attn = block.self_attn
-    rotary = getattr(attn, "rotary_fn", apply_rotary)  # the fused RoPE when kernels.apply_fused_kernels set it
 
     def pre(x_t: Tensor, cos_t: Tensor, sin_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        h = block.input_layernorm(x_t)
-        bs, n, _ = h.shape
-        q = attn.q_proj(h).view(bs, n, -1, attn.head_dim)  # (bs, tile, n_heads, head_dim)
-        k = attn.k_proj(h).view(bs, n, -1, attn.head_dim)  # (bs, tile, n_kv_heads, head_dim)
-        v = attn.v_proj(h).view(bs, n, -1, attn.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return rotary(q, cos_t, sin_t), rotary(k, cos_t, sin_t), v
+        return attn.qkv(block.input_layernorm(x_t), cos_t, sin_t)  # each (bs, tile, heads, head_dim)
 
     def post(x_t: Tensor, o_t: Tensor) -> Tensor:
         bs, n = o_t.shape[:2]
