@@ -1,17 +1,29 @@
-"""`longtrain plan`: predicted per-GPU memory of a training step, and which memory switches make it fit.
+"""`longtrain plan`: predicted per-GPU peak memory of a training step, and which memory switches make it fit.
 
-The model is an accounting of the tensors longtrain keeps alive at the peak of a step (the start of the
-backward pass of the last layer), per GPU:
+The prediction is `torch.cuda.max_memory_allocated` of a step: the bytes alive at the step's worst moment.
+It is the largest of three moments, each an accounting of the tensors alive then, per GPU:
 
-- params, grads, optimizer states: sharded over dp_shard by FSDP2 / ZeRO-3 (ZeRO-1/2 shard less);
-- buffers: FSDP all-gather buffers (two layers in flight), RoPE cos/sin, the CUDA context and allocator
-  slack (a constant, `RUNTIME_OVERHEAD_BYTES`);
-- activations: what autograd saves per layer for the chosen checkpointing mode (counted tensor by tensor
-  for decoder.py with a fused attention kernel), plus one layer's recomputation and its gradients;
-- logits: the chunked linear + cross-entropy working set (or the full logits without chunking).
+- end of the forward (the chunked loss running): parameters, optimizer states, every layer's saved
+  activations, the final norm and the loss working set. Gradients do not exist yet (`zero_grad` sets
+  them to None), so with no checkpointing this moment is the peak;
+- backward of the first layer it reaches (the last one): as above minus the loss, plus the output
+  projection's gradient, the layer's recomputed activations and its backward working set;
+- backward of layer 0: every gradient exists, only layer 0's saved activations are left (the peak with
+  offload, where nothing is kept per layer on the GPU).
 
-Tokens per GPU are seq_len * micro_batch / cp. Numbers are bytes; `MemoryPlan.gib()` formats them.
-The constants are estimates to be checked against measured peaks (docs/memory.md, "Measured").
+Per token and layer the saved tensors are counted from decoder.py, the kernels and the switches (a CPU
+test checks the count against `saved_tensors_hooks`): the fused Triton RMSNorm keeps its bf16 input and
+an fp32 rstd, the eager one an fp32 copy and two bf16 tensors; RoPE keeps only cos/sin; attention keeps
+q, k, v, out and the fp32 LSE; the SwiGLU MLP keeps gate and up and the down projection's input (eager:
+silu(gate) too). The backward working set of a layer adds the gradients in flight and the fused attention
+backward's workspace (an fp32 dq accumulator and, for grouped-query attention, dk/dv expanded to all
+query heads: cuDNN and FlashAttention-2 both). Sequence-tiled blocks accumulate the gradients of their
+sliced inputs in whole-sequence buffers (`slice_backward` allocates the full tensor).
+
+Calibrated against measured peaks on one H100 (docs/memory.md "Measured", docs/benchmarks.md,
+2026-11-26; tests/unit/test_memory_plan.py keeps them as regression cases). Tokens per GPU are
+seq_len * micro_batch / cp. `total` excludes the CUDA context and allocator slack: `fits()` adds
+`RUNTIME_OVERHEAD_BYTES` for that. Numbers are bytes; `MemoryPlan.gib()` formats them.
 """
 
 from __future__ import annotations
@@ -22,9 +34,12 @@ from dataclasses import asdict, dataclass
 from longtrain.model.args import ModelArgs
 
 GIB = 1024**3
-RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation
+# CUDA context, cuBLAS/cuDNN handles and caching-allocator fragmentation: outside max_memory_allocated,
+# so not in `total`, but a GPU must hold them too (`MemoryPlan.fits`).
+RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
+LOSS_IMPLS = ("torch", "compile")
 TILED_MLP_AUTO_TOKENS = 32768  # tiled_mlp: auto turns tiling on from this many tokens per GPU
 DEFAULT_TILE_TOKENS = 8192  # kernels/tiled_mlp.py AUTO_TILE_TOKENS
 DEFAULT_LOSS_CHUNK = 2048  # kernels/linear_cross_entropy.py auto chunk for a 128K vocabulary
@@ -32,25 +47,32 @@ DEFAULT_LOSS_CHUNK = 2048  # kernels/linear_cross_entropy.py auto chunk for a 12
 
 @dataclass
 class MemoryPlan:
-    """Predicted bytes per GPU at the peak of a training step."""
+    """Predicted bytes per GPU at the peak of a training step (the fields as they are at that moment)."""
 
     params: int
-    grads: int
+    grads: int  # gradients alive at the peak (none at the end of the forward)
     optimizer: int
     activations: int
-    logits: int
-    buffers: int
+    logits: int  # the loss working set (only at the end of the forward)
+    buffers: int  # FSDP all-gathers, RoPE cos/sin, context-parallel communication
     host_offload: int  # host RAM for offloaded activations (not part of `total`)
     tokens_per_gpu: int
     tokens_per_step: int  # seq_len * micro_batch * data-parallel ranks
+    peak_at: str = ""  # which moment of the step is the peak
 
     @property
     def total(self) -> int:
+        """Predicted torch.cuda.max_memory_allocated of the step."""
         return self.params + self.grads + self.optimizer + self.activations + self.logits + self.buffers
+
+    def fits(self, gpu_bytes: int) -> bool:
+        """The peak plus the runtime overhead (CUDA context, fragmentation) fits `gpu_bytes`."""
+        return self.total + RUNTIME_OVERHEAD_BYTES <= gpu_bytes
 
     def gib(self) -> dict[str, float]:
         """Every byte field in GiB (rounded to 0.01), plus total."""
-        d = {k: round(v / GIB, 2) for k, v in asdict(self).items() if not k.startswith("tokens")}
+        d = {k: round(v / GIB, 2) for k, v in asdict(self).items()
+             if isinstance(v, int) and not k.startswith("tokens")}
         d["total"] = round(self.total / GIB, 2)
         return d
 
@@ -60,32 +82,84 @@ def _check(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"plan_memory: {name} must be >= {minimum}, got {value}")
 
 
-def _layer_activation_bytes(a: ModelArgs, tokens: int, b: int, tile: int | None, seq_tile: int | None) -> int:
-    """Bytes autograd keeps for one decoder block without block checkpointing, fused attention kernel.
+@dataclass
+class _PerToken:
+    """Bytes per token of one decoder block (see the module docstring for where each comes from)."""
 
-    Counted from decoder.py: each RMSNorm keeps an fp32 copy and its output; RoPE keeps fp32 q/k and their
-    rotated halves; attention keeps q, k, v, out and the fp32 LSE; SwiGLU keeps gate, up, silu(gate) and
-    their product (4 x intermediate) unless tiled (one tile's worth). With `seq_tile` only the block input
-    and attention's tensors are whole-sequence; the rest exists for one tile at a time.
+    x: int  # residual stream (block input / output, their gradients)
+    qkv: int  # q, k, v after RoPE
+    out: int  # attention output
+    lse: int  # fp32 log-sum-exp per query head
+    attn_ws: int  # fused attention backward workspace
+    gate: int  # one intermediate_size tensor (gate, up, ...)
+    mlp_saved: int  # what the untiled MLP keeps beyond its input
+    norms: int  # what both RMSNorms keep, their outputs (the projections' inputs) included
+    norm_keeps_x: bool  # the first RMSNorm saves the block input itself (fused), not an fp32 copy (eager)
+
+
+def _per_token(a: ModelArgs, b: int, fused: bool) -> _PerToken:
+    q = a.n_heads * a.head_dim
+    x, gate = a.dim * b, a.intermediate_size * b
+    # cuDNN / FlashAttention-2 backward: fp32 dq accumulator; with GQA also dk, dv per query head (dtype).
+    ws = q * 4 + (2 * q * b if a.n_kv_heads < a.n_heads else 0)
+    if fused:  # Triton RMSNorm keeps its input x and an fp32 rstd; SwiGLU keeps gate and up
+        norms, mlp = 2 * (x + x + 4), 3 * gate
+    else:  # eager RMSNorm: fp32 copy, rsqrt, normalised bf16 and the weighted output; silu(gate) kept too
+        norms, mlp = 2 * (4 * a.dim + 4 + 2 * x), 4 * gate
+    return _PerToken(x=x, qkv=(a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b, out=q * b, lse=a.n_heads * 4,
+                     attn_ws=ws, gate=gate, mlp_saved=mlp, norms=norms, norm_keeps_x=fused)
+
+
+def layer_saved_bytes_per_token(a: ModelArgs, dtype: str = "bfloat16", fused_kernels: bool = False) -> int:
+    """Bytes autograd saves per token for one decoder block without checkpointing or tiling (fused attention)."""
+    p = _per_token(a, DTYPE_BYTES[dtype], fused_kernels)
+    return p.norms + p.qkv + p.out + p.lse + p.mlp_saved
+
+
+def _block_bytes(p: _PerToken, ac_mode: str, offload: bool, mlp_tiled: bool, seq_tile: bool,
+                 ) -> tuple[int, int, int]:
+    """(kept per layer through the step, recomputed for the layer in backward, backward working set), per token.
+
+    `kept` stays on the GPU for every layer (0 with offload); `recomputed` exists only for the layer being
+    back-propagated; `work` is that layer's gradients in flight at its worst moment.
     """
-    d, hq, hk = a.head_dim, a.n_heads, a.n_kv_heads
-    norms = 2 * a.dim * (4 + b)
-    rope = 2 * (hq + hk) * d * 4
-    attn = (hq + 2 * hk) * d * b + hq * d * b + hq * 4
-    mlp = 4 * a.intermediate_size * b
-    if seq_tile is not None:
-        t = min(seq_tile, tokens)
-        return tokens * (a.dim * b + attn) + t * (norms + rope + mlp + 2 * a.dim * b)
-    mlp_tokens = tokens if tile is None else min(tile, tokens)
-    return tokens * (norms + rope + attn) + mlp_tokens * mlp
+    if seq_tile:
+        # Only the block input and attention's tensors are whole-sequence; the tiled parts' gradients are
+        # accumulated in whole-sequence buffers for x and out (slice_backward), plus dout's contiguous copy.
+        layer = p.x + p.qkv + p.out + p.lse
+        work = p.x + p.out + p.x + p.out + p.qkv + p.attn_ws  # dY, d_out, d_x, dout copy, dq/dk/dv, workspace
+    else:
+        layer = p.norms + p.qkv + p.out + p.lse + (0 if mlp_tiled else p.mlp_saved)
+        # Worst of: the MLP backward (dY, d_act, d_gate, d_up, the activation freed) and the attention
+        # backward (dY, d_out and its copy, dq/dk/dv, workspace; the MLP's tensors already freed).
+        mlp_moment = 0 if mlp_tiled else p.x + 2 * p.gate
+        work = max(mlp_moment, p.x + 2 * p.out + p.qkv + p.attn_ws - (0 if mlp_tiled else p.mlp_saved))
+    # A checkpoint saves the block input; the recomputed layer shares it where it saves x itself.
+    shared_x = p.x if seq_tile or p.norm_keeps_x else 0
+    match ac_mode:
+        case "none":
+            kept, recomputed = layer, 0
+        case "selective":  # the block input and attention's outputs are kept, the rest recomputed
+            kept = p.x + p.out + p.lse
+            recomputed = layer - shared_x - p.out - p.lse
+        case "full":
+            kept, recomputed = p.x, layer - shared_x
+        case _:
+            raise AssertionError(ac_mode)
+    if offload:
+        # Nothing per layer stays; in backward the layer's saved tensors come back from the host. The
+        # re-entrant checkpoint (full + offload) also holds the recomputed block output during its backward.
+        recomputed, kept = recomputed + kept + (p.x if ac_mode == "full" else 0), 0
+    return kept, recomputed, work
 
 
 def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_shard: int = 1, cp: int = 1,
                 cp_mode: str = "allgather", dtype: str = "bfloat16", ac_mode: str = "none", offload: bool = False,
-                tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+                tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None,
+                loss_chunk: int | None = DEFAULT_LOSS_CHUNK, loss_impl: str = "torch", fused_kernels: bool = False,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
-                ) -> MemoryPlan:
-    """Predict per-GPU memory of one training step.
+                steady_state: bool = True) -> MemoryPlan:
+    """Predict per-GPU peak memory of one training step.
 
     Args:
         model_args: the model shape.
@@ -99,10 +173,16 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         seq_tile: sequence-tiled blocks (apply_ac seq_tile) with this tile size, or None.
         chunkwise: SeCO chunk size in tokens, or None.
         loss_chunk: tokens per chunk of the linear + cross-entropy; None: full logits.
+        loss_impl: the chunked loss's impl, "torch" (eager: fp32 logits and their softmax exist per chunk) or
+            "compile" (the fp32 copies are fused away).
+        fused_kernels: the Triton RMSNorm / RoPE / SwiGLU (kernels.apply_fused_kernels) are on.
         optimizer: "adamw" | "sgd"; backend: "fsdp2" | "deepspeed"; zero_stage: 0-3 (deepspeed).
+        steady_state: torch AdamW's states exist during the step (every step after the first). False: the
+            first step, whose states are created in opt.step() after the backward (a benchmark with no
+            warm-up step measures that).
 
     Returns:
-        The MemoryPlan.
+        The MemoryPlan at the peak moment.
 
     Raises:
         ValueError: an unknown option or a non-positive size.
@@ -118,6 +198,11 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             pass
         case _:
             raise ValueError(f"plan_memory: ac_mode {ac_mode!r} is not known; valid: {', '.join(AC_MODES)}")
+    match loss_impl:
+        case "torch" | "compile":
+            pass
+        case _:
+            raise ValueError(f"plan_memory: loss_impl {loss_impl!r} is not known; valid: {', '.join(LOSS_IMPLS)}")
     if offload and ac_mode == "selective":
         raise NotImplementedError("plan_memory: offload with selective checkpointing is not supported")
     if chunkwise is not None and cp > 1:
@@ -136,63 +221,69 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         case _:
             raise ValueError(f"plan_memory: optimizer {optimizer!r} is not known; valid: adamw, sgd")
     layer_params = n_params // max(1, a.n_layers)
+    out_params = a.vocab_size * a.dim  # output projection (the embedding when tied): its gradient comes first
     match backend:
         case "fsdp2":
-            # torch AdamW keeps its states in the parameter dtype; FSDP2 shards params, grads and states.
+            # torch AdamW keeps its states in the parameter dtype, created at the first opt.step();
+            # FSDP2 shards params, grads and states.
             params = n_params * b // dp_shard
             grads = n_params * b // dp_shard
-            opt = states * n_params * b // dp_shard
+            grad_out = out_params * b // dp_shard
+            opt = states * n_params * b // dp_shard if steady_state else 0
             gather = 2 * layer_params * b if dp_shard > 1 else 0  # current + prefetched layer
         case "deepspeed":
-            # DeepSpeed bf16: fp32 master weights + fp32 states, partitioned from stage 1.
+            # DeepSpeed bf16: fp32 master weights + fp32 states, partitioned from stage 1, built at init.
             shard = dp_shard
             params = n_params * b // (shard if zero_stage >= 3 else 1)
             grads = n_params * b // (shard if zero_stage >= 2 else 1)
+            grad_out = out_params * b // (shard if zero_stage >= 2 else 1)
             opt = (4 + 4 * states) * n_params // (shard if zero_stage >= 1 else 1)
             gather = 2 * layer_params * b if zero_stage >= 3 and shard > 1 else 0
         case _:
             raise ValueError(f"plan_memory: backend {backend!r} is not known; valid: fsdp2, deepspeed")
 
-    # ---- activations ----------------------------------------------------------------------------------
-    layer_tokens = tokens if chunkwise is None else min(chunkwise, tokens)
-    one_layer = _layer_activation_bytes(a, layer_tokens, b, tile, seq_tile)
-    block_input = layer_tokens * a.dim * b
-    attn_out = layer_tokens * (a.n_heads * a.head_dim * b + a.n_heads * 4)
-    # Backward of one layer: its activations (recomputed or saved) plus gradients of q/k/v and a few
-    # residual-stream-sized buffers.
-    grad_work = layer_tokens * ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b + a.n_heads * a.head_dim * b
-                                + 2 * a.dim * b)
-    host = 0
-    match ac_mode:
-        case "none":
-            saved = a.n_layers * one_layer
-            if offload:
-                host, saved = saved, 2 * one_layer  # two layers in flight between device and host
-            acts = saved + grad_work
-        case "selective":
-            acts = a.n_layers * (block_input + attn_out) + one_layer + grad_work
-        case "full":
-            saved = a.n_layers * block_input
-            if offload:
-                host, saved = saved, 2 * block_input
-            acts = saved + one_layer + grad_work
-    # Residual stream, final norm (its fp32 copy unless sequence-tiled) and its output, hidden gradient.
-    acts += layer_tokens * a.dim * (3 * b + (0 if seq_tile is not None else 4))
+    # ---- activations: per token of the layer being run ------------------------------------------------
+    t = tokens if chunkwise is None else min(chunkwise, tokens)  # tokens one layer's graph holds
+    p = _per_token(a, b, fused_kernels)
+    kept, recomputed, work = _block_bytes(p, ac_mode, offload, tile is not None, seq_tile is not None)
+    # Per-token tiles (tiled MLP, sequence-tiled blocks) add one tile's full intermediates in backward.
+    tile_work = 0
+    if seq_tile is not None:
+        tile_work = min(seq_tile, t) * (p.norms + p.mlp_saved + 2 * p.gate)
+    elif tile is not None:
+        tile_work = min(tile, t) * (p.mlp_saved + 2 * p.gate)
+    # The final norm: its saved input and its output (held by the caller through the backward); eager and
+    # untiled, an fp32 copy instead of the input.
+    final_fwd = t * (2 * p.x if fused_kernels or seq_tile is not None else 4 * a.dim + 2 * p.x)
+    h_held = t * p.x  # the final hidden states, alive in the caller until the step ends
+    host = a.n_layers * t * (p.x if ac_mode == "full" else kept + recomputed) if offload else 0
+    kv_store = 0
     if chunkwise is not None:
         kv = a.n_layers * 2 * a.n_kv_heads * a.head_dim * tokens
         # K/V store (dtype) + fp32 gradient accumulators + the concatenated K/V and leaf gradients of the
         # chunk being rebuilt (trainer/chunkwise.py).
-        acts += kv * (b + 4) + kv * 2 * b
+        kv_store = kv * (b + 4) + kv * 2 * b
 
-    # ---- logits ----------------------------------------------------------------------------------------
-    loss_tokens = layer_tokens
+    # ---- the loss working set at the end of the forward -------------------------------------------------
     if loss_chunk is None:
-        logits = loss_tokens * a.vocab_size * (b + 8)  # logits + fp32 copy + fp32 softmax gradient
+        loss = t * a.vocab_size * (b + 8)  # logits + fp32 copy + fp32 softmax gradient
     else:
-        c = min(loss_chunk, loss_tokens)
-        # One chunk: logits (dtype), fp32 copy, fp32 d-logits and its dtype cast; plus the fp32 weight-gradient
-        # accumulator and the transient dtype product, and the stored hidden gradient.
-        logits = c * a.vocab_size * (2 * b + 8) + a.vocab_size * a.dim * (4 + b) + loss_tokens * a.dim * b
+        c = min(loss_chunk, t)
+        # One chunk's logits (dtype) and d-logits cast (dtype), plus with the eager impl their fp32 copy
+        # and fp32 softmax; the weight gradient (dtype product, its fp32 copy, the fp32 accumulator); the
+        # stored hidden gradient.
+        per_logit = 2 * b + (8 if loss_impl == "torch" else 0)
+        loss = c * a.vocab_size * per_logit + out_params * (b + 4 + 4) + t * p.x
+
+    # ---- the three candidate moments -------------------------------------------------------------------
+    layer_now = t * (kept + recomputed + work) + tile_work  # the layer being back-propagated
+    moments = {
+        "end of forward (loss)": (0, a.n_layers * t * kept + final_fwd + kv_store, loss),
+        "backward of the last layer": (grad_out, h_held + (a.n_layers - 1) * t * kept + layer_now + kv_store, 0),
+        "backward of layer 0": (grads, h_held + layer_now + kv_store, 0),
+    }
+    peak_at = max(moments, key=lambda k: sum(moments[k]))
+    grads_now, acts, logits = moments[peak_at]
 
     # ---- buffers ---------------------------------------------------------------------------------------
     rope = 2 * tokens * a.head_dim * 4  # cos and sin, fp32
@@ -208,10 +299,10 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 comm = 2 * tokens * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim * b
             case _:
                 raise ValueError(f"plan_memory: cp_mode {cp_mode!r} is not known; valid: ring, allgather, ulysses, hybrid")
-    buffers = gather + rope + comm + RUNTIME_OVERHEAD_BYTES
-    return MemoryPlan(params=params, grads=grads, optimizer=opt, activations=acts, logits=logits, buffers=buffers,
-                      host_offload=host, tokens_per_gpu=tokens,
-                      tokens_per_step=seq_len * micro_batch * dp_shard * dp_replicate // cp)
+    buffers = gather + rope + comm
+    return MemoryPlan(params=params, grads=grads_now, optimizer=opt, activations=acts, logits=logits,
+                      buffers=buffers, host_offload=host, tokens_per_gpu=tokens,
+                      tokens_per_step=seq_len * micro_batch * dp_shard * dp_replicate // cp, peak_at=peak_at)
 
 
 # Memory switches from cheapest (in step time) to costliest; each entry: (label, overrides).
@@ -246,7 +337,7 @@ def suggest(gpu_bytes: int, host_bytes: int | None = None, **plan_kwargs) -> lis
     fits = []
     for label, over in SWITCH_LADDER:
         p = plan_memory(**{**base, **over})
-        if p.total <= gpu_bytes and (host_bytes is None or p.host_offload <= host_bytes):
+        if p.fits(gpu_bytes) and (host_bytes is None or p.host_offload <= host_bytes):
             fits.append((label, p))
     return fits
 
@@ -254,8 +345,9 @@ def suggest(gpu_bytes: int, host_bytes: int | None = None, **plan_kwargs) -> lis
 def _format(plan: MemoryPlan, gpu_bytes: int) -> str:
     g = plan.gib()
     rows = [f"  {k:<13} {v:>9.2f} GiB" for k, v in g.items() if k not in ("total", "host_offload")]
-    rows.append(f"  {'total':<13} {g['total']:>9.2f} GiB   ({'fits' if plan.total <= gpu_bytes else 'does NOT fit'} "
-                f"in {gpu_bytes / GIB:.0f} GiB)")
+    rows.append(f"  {'total':<13} {g['total']:>9.2f} GiB   ({'fits' if plan.fits(gpu_bytes) else 'does NOT fit'} "
+                f"in {gpu_bytes / GIB:.0f} GiB with {RUNTIME_OVERHEAD_BYTES / GIB:.0f} GiB runtime overhead; "
+                f"peak at {plan.peak_at})")
     if plan.host_offload:
         rows.append(f"  {'host offload':<13} {g['host_offload']:>9.2f} GiB of host RAM")
     rows.append(f"  tokens/GPU {plan.tokens_per_gpu:,}   tokens/step {plan.tokens_per_step:,}")
@@ -296,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, cp {par.cp} ({par.cp_mode}), "
               f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}")
         print(_format(plan, gpu))
-        if plan.total > gpu:
+        if not plan.fits(gpu):
             ok = False
             fits = suggest(gpu, **kwargs)
             if fits:
