@@ -9,6 +9,19 @@ without accelerate's wrapper, so the benchmark controls the timing loop. Run und
 
 liger-kernel is carried to the GPU machine as a wheel (pure Python); without it the loss is HF's own
 (full logits), which is then named in the output.
+
+Why the first attempt failed with `RuntimeError: No available kernel` (torch 2.11, transformers 5):
+context_parallel shards `position_ids` with its head-tail load balancer, so rank 0 holds positions
+[0, S/4) + [3S/4, S). transformers (masking_utils `find_packed_sequence_indices`) reads the jump in the
+positions as two packed documents and builds an explicit attention mask; `sdpa_attention_forward` then passes
+`attn_mask=<tensor>`, `is_causal=False` and repeats K/V (no `enable_gqa`). The flash kernel takes no mask and
+torch's CP ring handlers take none either ("attn_bias is not supported yet"), so SDPA under
+sdpa_kernel([FLASH, CUDNN]) finds no kernel. The mask would also be wrong: it is local to each shard, while
+ring attention needs the global causal order. The fix a user can apply: pass an all-ones `attention_mask`
+(no padding). transformers then skips the mask (`_ignore_causal_mask_sdpa`) and calls SDPA with
+`is_causal=True, enable_gqa=True`, which the flash kernel runs (it supports GQA) and context_parallel turns
+into load-balanced causal ring attention. `hf_cp_kwargs` builds those arguments;
+tests/unit/test_peer_hf_native_cp.py checks on CPU what SDPA receives with and without it.
 """
 
 from __future__ import annotations
@@ -29,7 +42,17 @@ from longtrain.model.args import model_flavor
 from longtrain.trainer.flops import device_peak_flops, flops_per_token, mfu
 
 
-def build_hf(flavor: str, device: torch.device, mesh):
+def hf_cp_kwargs(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Arguments for an HF causal LM's forward on one context-parallel shard (see the module docstring).
+
+    The all-ones attention mask keeps transformers from reading the load-balanced positions as packed
+    documents; labels are already shifted and sharded, so they are passed as `shift_labels` too.
+    """
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "shift_labels": labels,
+            "attention_mask": torch.ones_like(input_ids)}
+
+
+def build_hf(flavor: str, device: torch.device, mesh, master: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longtrain.model.hf import hf_config
@@ -37,8 +60,13 @@ def build_hf(flavor: str, device: torch.device, mesh):
     margs = model_flavor(flavor)
     cfg = LlamaConfig(**hf_config(margs, torch.bfloat16), attn_implementation="sdpa")
     cfg.use_cache = False
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(master)  # weights allocated once in the master dtype (8B in fp32 is 32 GB)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
@@ -52,7 +80,11 @@ def main() -> int:
     p.add_argument("--flavor", default="llama3.2-1b")
     p.add_argument("--tokens-per-gpu", default="32768,65536,131072")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--master-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the sharded weights, gradients and AdamW states (bf16 for 8B on 2 GPUs: "
+                        "benchmarks/cp_scaling.py says why)")
     a = p.parse_args()
+    master = torch.bfloat16 if a.master_dtype == "bf16" else torch.float32
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", timeout=timedelta(minutes=10))
@@ -69,9 +101,10 @@ def main() -> int:
         loss_name = "hf-full-logits"
     for tpg in (int(t) for t in a.tokens_per_gpu.split(",")):
         seq = tpg * world
-        result = {"side": "hf+native-cp+liger", "loss": loss_name, "cp": world, "tokens_per_gpu": tpg, "seq_len": seq}
+        result = {"side": "hf+native-cp+liger", "loss": loss_name, "cp": world, "tokens_per_gpu": tpg, "seq_len": seq,
+                  "flavor": a.flavor, "master_dtype": a.master_dtype}
         try:
-            model, margs = build_hf(a.flavor, device, mesh)
+            model, margs = build_hf(a.flavor, device, mesh, master)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(0, margs.vocab_size, (1, seq + 1), generator=gen).to(device)
@@ -84,9 +117,8 @@ def main() -> int:
                 buf = [inputs.clone(), labels.clone(), positions.clone()]
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]), \
                         context_parallel(mesh, buffers=buf, buffer_seq_dims=[1, 1, 1]):
-                    # The root forward (FSDP2 gathers the tied embedding / lm_head there); labels are
-                    # already shifted and sharded, so pass them as shift_labels.
-                    loss = model(input_ids=buf[0], position_ids=buf[2], labels=buf[1], shift_labels=buf[1]).loss
+                    # The root forward (FSDP2 gathers the tied embedding / lm_head there).
+                    loss = model(**hf_cp_kwargs(buf[0], buf[1], buf[2])).loss
                     loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
