@@ -169,7 +169,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     from longtrain.kernels.attention import get_attention_backend
     from longtrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
     from longtrain.model.decoder import Transformer
-    from longtrain.plan import plan_memory
+    from longtrain.plan import ATTENTION_BACKENDS, plan_memory
 
     with torch.device(device):
         model = Transformer(margs)
@@ -186,8 +186,10 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
         _apply_switches(model, switches, a.smoke)
     res.switches = "plain" if plain else a.switch_label
     dt = "float32" if dtype == torch.float32 else "bfloat16"
-    res.plan_gib = plan_memory(margs, a.seq, dtype=dt, loss_chunk=None if plain else 2048,
-                               **{k: v for k, v in switches.items()}).total / GIB
+    if a.attn in ATTENTION_BACKENDS:  # the plan does not model flex / reference (the smoke run's): no plan then
+        res.plan_gib = plan_memory(margs, a.seq, dtype=dt, loss_chunk=None if plain else 2048, fused_kernels=a.fused,
+                                   loss_impl=a.loss_impl, steady_state=a.warmup > 0, attention=a.attn,
+                                   **switches).total / GIB
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     labels = torch.roll(ids, -1, dims=1)
 
@@ -260,18 +262,17 @@ def _spawn(a: argparse.Namespace, side: str, flavor: str, seq: int, switches: tu
 def _longtrain_trial(a: argparse.Namespace, flavor: str, seq: int) -> Trial:
     """Cheapest switch set predicted to fit first; on OOM the next costlier ones (each in a fresh process)."""
     from longtrain.model.args import model_flavor
-    from longtrain.plan import plan_memory
-
-    from longtrain.plan import SWITCH_LADDER
+    from longtrain.plan import ATTENTION_BACKENDS, SWITCH_LADDER, plan_memory
 
     ladder = list(SWITCH_LADDER)  # cheapest first
     if a.lt_switches == "all":
         ladder = ladder[-1:]
-    else:
+    elif a.attn in ATTENTION_BACKENDS:  # otherwise no plan: the ladder is tried from its cheapest setting
         margs = model_flavor(flavor)
         dt = "float32" if a.smoke else "bfloat16"
         fits = [i for i, (_, sw) in enumerate(ladder)
-                if plan_memory(margs, seq, dtype=dt, **sw).total <= a.gpu_memory_gib * GIB]
+                if plan_memory(margs, seq, dtype=dt, fused_kernels=a.fused, loss_impl=a.loss_impl,
+                               steady_state=a.warmup > 0, attention=a.attn, **sw).fits(int(a.gpu_memory_gib * GIB))]
         ladder = ladder[fits[0]:] if fits else ladder[-1:]
     t = Trial("longtrain", flavor, seq, error="no switch set tried")
     for sw in ladder:

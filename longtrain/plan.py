@@ -16,9 +16,9 @@ test checks the count against `saved_tensors_hooks`): the fused Triton RMSNorm k
 an fp32 rstd, the eager one an fp32 copy and two bf16 tensors; RoPE keeps only cos/sin; attention keeps
 q, k, v, out and the fp32 LSE; the SwiGLU MLP keeps gate and up and the down projection's input (eager:
 silu(gate) too). The backward working set of a layer adds the gradients in flight and the fused attention
-backward's workspace (an fp32 dq accumulator and, for grouped-query attention, dk/dv expanded to all
-query heads: cuDNN and FlashAttention-2 both). Sequence-tiled blocks accumulate the gradients of their
-sliced inputs in whole-sequence buffers (`slice_backward` allocates the full tensor).
+backward's workspace, which depends on the backend (`_attention_workspace`). Sequence-tiled blocks
+accumulate the gradients of their sliced inputs in whole-sequence buffers (`slice_backward` allocates the
+full tensor).
 
 Calibrated against measured peaks on one H100 (docs/memory.md "Measured", docs/benchmarks.md,
 2026-11-26; tests/unit/test_memory_plan.py keeps them as regression cases). Tokens per GPU are
@@ -29,6 +29,7 @@ seq_len * micro_batch / cp. `total` excludes the CUDA context and allocator slac
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 
 from longtrain.model.args import ModelArgs
@@ -40,6 +41,11 @@ RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
 LOSS_IMPLS = ("torch", "compile")
+# Attention backends the plan models (kernels/attention.py names). "auto" picks fa4 or cuDNN for a dense
+# causal sequence depending on the installed packages (kernels/attention_auto.py), which the plan cannot see:
+# it takes the larger of the two workspaces. flex and reference are not modelled (flex adds a BlockMask and
+# layout copies, reference a seq x seq score matrix per head).
+ATTENTION_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "fa4", "auto")
 TILED_MLP_AUTO_TOKENS = 32768  # tiled_mlp: auto turns tiling on from this many tokens per GPU
 DEFAULT_TILE_TOKENS = 8192  # kernels/tiled_mlp.py AUTO_TILE_TOKENS
 DEFAULT_LOSS_CHUNK = 2048  # kernels/linear_cross_entropy.py auto chunk for a 128K vocabulary
@@ -90,18 +96,44 @@ class _PerToken:
     qkv: int  # q, k, v after RoPE
     out: int  # attention output
     lse: int  # fp32 log-sum-exp per query head
-    attn_ws: int  # fused attention backward workspace
+    attn_ws: int  # fused attention backward workspace (_attention_workspace)
     gate: int  # one intermediate_size tensor (gate, up, ...)
     mlp_saved: int  # what the untiled MLP keeps beyond its input
     norms: int  # what both RMSNorms keep, their outputs (the projections' inputs) included
     norm_keeps_x: bool  # the first RMSNorm saves the block input itself (fused), not an fp32 copy (eager)
 
 
-def _per_token(a: ModelArgs, b: int, fused: bool) -> _PerToken:
+def _attention_workspace(a: ModelArgs, b: int, attention: str) -> int:
+    """Bytes per token the attention backward allocates beyond dq, dk, dv and the incoming d_out."""
+    q, gqa = a.n_heads * a.head_dim, a.n_kv_heads < a.n_heads
+    match attention:
+        case "sdpa_cudnn":
+            # dO copied into O's (bs, h, s, d) strides (attention_sdpa.py), an fp32 dq accumulator and, with
+            # GQA, dk/dv per query head. cuDNN's workspace is internal: this is the accounting the 512K 1B and
+            # 256K 3B measurements (cuDNN) confirm, not read from source.
+            return q * b + q * 4 + (2 * q * b if gqa else 0)
+        case "sdpa_flash" | "flash_attn":
+            # FlashAttention-2 mha_bwd: dq_accum fp32, softmax_d fp32 per head, dk/dv_expanded per query head.
+            return q * 4 + a.n_heads * 4 + (2 * q * b if gqa else 0)
+        case "fa4":
+            # flash-attn-4 _flash_attn_bwd (4.0.0b36): dq_accum fp32, dpsum and lse_log2 fp32 per head; with GQA
+            # fp32 dk_accum/dv_accum per KV head (dK/dV summed in the kernel, never expanded). head_dim is
+            # rounded up to 32 (64 with SM90's dKV_swapAB: not for the head dims 64 and 128 of Llama).
+            hd = -(-a.head_dim // 32) * 32
+            return a.n_heads * (hd * 4 + 8) + (2 * a.n_kv_heads * hd * 4 if gqa else 0)
+        case "auto":
+            return max(_attention_workspace(a, b, "fa4"), _attention_workspace(a, b, "sdpa_cudnn"))
+        case "flex" | "reference":
+            raise NotImplementedError(f"plan_memory: attention {attention!r} is not modelled; valid: "
+                                      f"{', '.join(ATTENTION_BACKENDS)}")
+        case _:
+            raise ValueError(f"plan_memory: attention {attention!r} is not known; valid: {', '.join(ATTENTION_BACKENDS)}")
+
+
+def _per_token(a: ModelArgs, b: int, fused: bool, attention: str) -> _PerToken:
     q = a.n_heads * a.head_dim
     x, gate = a.dim * b, a.intermediate_size * b
-    # cuDNN / FlashAttention-2 backward: fp32 dq accumulator; with GQA also dk, dv per query head (dtype).
-    ws = q * 4 + (2 * q * b if a.n_kv_heads < a.n_heads else 0)
+    ws = _attention_workspace(a, b, attention)
     if fused:  # Triton RMSNorm keeps its input x and an fp32 rstd; SwiGLU keeps gate and up
         norms, mlp = 2 * (x + x + 4), 3 * gate
     else:  # eager RMSNorm: fp32 copy, rsqrt, normalised bf16 and the weighted output; silu(gate) kept too
@@ -112,7 +144,7 @@ def _per_token(a: ModelArgs, b: int, fused: bool) -> _PerToken:
 
 def layer_saved_bytes_per_token(a: ModelArgs, dtype: str = "bfloat16", fused_kernels: bool = False) -> int:
     """Bytes autograd saves per token for one decoder block without checkpointing or tiling (fused attention)."""
-    p = _per_token(a, DTYPE_BYTES[dtype], fused_kernels)
+    p = _per_token(a, DTYPE_BYTES[dtype], fused_kernels, "auto")  # the saved set is the same for every fused backend
     return p.norms + p.qkv + p.out + p.lse + p.mlp_saved
 
 
@@ -127,13 +159,13 @@ def _block_bytes(p: _PerToken, ac_mode: str, offload: bool, mlp_tiled: bool, seq
         # Only the block input and attention's tensors are whole-sequence; the tiled parts' gradients are
         # accumulated in whole-sequence buffers for x and out (slice_backward), plus dout's contiguous copy.
         layer = p.x + p.qkv + p.out + p.lse
-        work = p.x + p.out + p.x + p.out + p.qkv + p.attn_ws  # dY, d_out, d_x, dout copy, dq/dk/dv, workspace
+        work = p.x + p.out + p.x + p.qkv + p.attn_ws  # dY, d_out, d_x, dq/dk/dv, workspace
     else:
         layer = p.norms + p.qkv + p.out + p.lse + (0 if mlp_tiled else p.mlp_saved)
         # Worst of: the MLP backward (dY, d_act, d_gate, d_up, the activation freed) and the attention
-        # backward (dY, d_out and its copy, dq/dk/dv, workspace; the MLP's tensors already freed).
+        # backward (dY, d_out, dq/dk/dv, workspace; the MLP's tensors already freed).
         mlp_moment = 0 if mlp_tiled else p.x + 2 * p.gate
-        work = max(mlp_moment, p.x + 2 * p.out + p.qkv + p.attn_ws - (0 if mlp_tiled else p.mlp_saved))
+        work = max(mlp_moment, p.x + p.out + p.qkv + p.attn_ws - (0 if mlp_tiled else p.mlp_saved))
     # A checkpoint saves the block input; the recomputed layer shares it where it saves x itself.
     shared_x = p.x if seq_tile or p.norm_keeps_x else 0
     match ac_mode:
@@ -158,7 +190,7 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None,
                 loss_chunk: int | None = DEFAULT_LOSS_CHUNK, loss_impl: str = "torch", fused_kernels: bool = False,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
-                steady_state: bool = True) -> MemoryPlan:
+                steady_state: bool = True, attention: str = "auto") -> MemoryPlan:
     """Predict per-GPU peak memory of one training step.
 
     Args:
@@ -180,13 +212,16 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         steady_state: torch AdamW's states exist during the step (every step after the first). False: the
             first step, whose states are created in opt.step() after the backward (a benchmark with no
             warm-up step measures that).
+        attention: the attention backend (ATTENTION_BACKENDS; model.attention of a recipe, default "auto"):
+            sets the backward workspace.
 
     Returns:
         The MemoryPlan at the peak moment.
 
     Raises:
         ValueError: an unknown option or a non-positive size.
-        NotImplementedError: selective + offload, or chunkwise with cp > 1 (not supported by longtrain).
+        NotImplementedError: selective + offload, or chunkwise with cp > 1 (not supported by longtrain), or
+            attention "flex" / "reference" (not modelled).
     """
     for name, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("dp_shard", dp_shard), ("cp", cp),
                     ("dp_replicate", dp_replicate)):
@@ -244,7 +279,7 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
 
     # ---- activations: per token of the layer being run ------------------------------------------------
     t = tokens if chunkwise is None else min(chunkwise, tokens)  # tokens one layer's graph holds
-    p = _per_token(a, b, fused_kernels)
+    p = _per_token(a, b, fused_kernels, attention)
     kept, recomputed, work = _block_bytes(p, ac_mode, offload, tile is not None, seq_tile is not None)
     # Per-token tiles (tiled MLP, sequence-tiled blocks) add one tile's full intermediates in backward.
     tile_work = 0
@@ -368,25 +403,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Print the plan of every stage of the recipe and the switches that fit. Returns 0 if all stages fit."""
     from longtrain.config import load_recipe  # config sits above plan in the data flow
+    from longtrain.kernels.linear_cross_entropy import auto_chunk_tokens
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.model.attention not in ATTENTION_BACKENDS:
+        print(f"error: model.attention {recipe.model.attention!r} is not modelled by the plan; valid: "
+              f"{', '.join(ATTENTION_BACKENDS)}", file=sys.stderr)
+        return 2
     par = recipe.parallel
     dp_shard = par.dp_shard if par.dp_shard != -1 else max(1, args.world_size // (par.cp * par.dp_replicate))
     gpu = int(args.gpu_memory_gib * GIB)
     model_args = recipe.model.model_args()
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     ok = True
+    # What the trainer runs: the recipe's attention backend, its loss chunk (linear_cross_entropy's default,
+    # eager impl), no fused kernels and no sequence-tiled blocks (the trainer applies neither), and the
+    # optimizer states of every step after the first.
+    common = dict(attention=recipe.model.attention, loss_chunk=auto_chunk_tokens(model_args.vocab_size),
+                  loss_impl="torch", fused_kernels=False, steady_state=True)
     for i, stage in enumerate(recipe.stages):
         mem = stage.memory
         tokens_per_gpu = stage.seq_len * stage.train.micro_batch // par.cp
         tiled = mem.tiled_mlp if isinstance(mem.tiled_mlp, bool) else tokens_per_gpu >= TILED_MLP_AUTO_TOKENS
         kwargs = dict(model_args=model_args, seq_len=stage.seq_len, micro_batch=stage.train.micro_batch,
                       dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, dtype=dtype, optimizer="adamw",
-                      backend=par.backend, zero_stage=par.zero_stage, dp_replicate=par.dp_replicate)
+                      backend=par.backend, zero_stage=par.zero_stage, dp_replicate=par.dp_replicate, **common)
         plan = plan_memory(**kwargs, ac_mode=mem.activation_checkpoint, offload=mem.offload_activations,
                            tiled_mlp=tiled, chunkwise=mem.chunkwise.chunk if mem.chunkwise else None)
         print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, cp {par.cp} ({par.cp_mode}), "
-              f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}")
+              f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}, "
+              f"attention {recipe.model.attention}")
         print(_format(plan, gpu))
         if not plan.fits(gpu):
             ok = False
@@ -398,4 +444,4 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-__all__ = ["MemoryPlan", "SWITCH_LADDER", "add_parser", "plan_memory", "run", "suggest"]
+__all__ = ["ATTENTION_BACKENDS", "MemoryPlan", "SWITCH_LADDER", "add_parser", "plan_memory", "run", "suggest"]
