@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -76,6 +77,10 @@ class Trial:
     ext_batch: int = 8
     eval_samples: int = 100
     seed: int = 0
+    device: str = "cpu"  # cuda: a search runs many trials at once on one GPU (same fp32 math, ~20x faster)
+    curve_every: int = 0  # evaluate 1x and 4x every this many base steps (0: only at the end)
+    curve_samples: int = 40
+    ext_variants: str = ""  # extra extensions from the same base, "method:steps:lr,..." (e.g. "yarn:300:2e-3")
     save: str = ""  # a folder: write the model after each phase as HF dirs base/ and after/ (bf16)
 
 
@@ -122,7 +127,7 @@ def passkey_accuracy(model: Transformer, t: Trial, seq_len: int, n: int, seed: i
     bs = max(1, 4096 // seq_len)
     for i in range(0, n, bs):
         items = [sample(t, seq_len, (i + j) / max(1, n - 1), rng) for j in range(min(bs, n - i))]
-        x = torch.tensor([it[0] for it in items])
+        x = torch.tensor([it[0] for it in items], device=t.device)
         logits = model(x)
         for row, (ids, start, ans) in enumerate(items):
             pred = logits[row, start - 1:start - 1 + len(ans)].argmax(-1).tolist()
@@ -131,7 +136,8 @@ def passkey_accuracy(model: Transformer, t: Trial, seq_len: int, n: int, seed: i
     return correct / n
 
 
-def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: float, rng: random.Random) -> float:
+def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: float, rng: random.Random,
+          on_step=None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warm = min(t.warmup, steps // 5)
     loss_v = float("nan")
@@ -142,6 +148,7 @@ def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: flo
             g["lr"] = lr * f
         L = seq_len_at(step)
         x, y, w = make_batch(t, L, max(1, bs * t.base_len // L) if L < t.base_len else bs, rng)
+        x, y, w = x.to(t.device), y.to(t.device), w.to(t.device)
         logits = model(x)
         tok = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100)
         w = w.flatten() * (y.flatten() != -100)
@@ -151,6 +158,8 @@ def train(model: Transformer, t: Trial, seq_len_at, steps: int, bs: int, lr: flo
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss_v = float(loss.detach())
+        if on_step is not None:
+            on_step(step + 1)
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step} len {L} loss {loss_v:.4f} lr {lr * f:.2e} load {os.getloadavg()[0]:.1f}", flush=True)
     return loss_v
@@ -164,6 +173,7 @@ def run_trial(t: Trial) -> dict:
                      rope={"rope_type": "default", "rope_theta": t.rope_theta}, bos_token_id=tokenizer().bos_id, eos_token_id=tokenizer().eos_id)
     model = Transformer(args)
     model.init_weights(t.seed)
+    model.to(t.device)
     lens = [t.base_len, 2 * t.base_len, 4 * t.base_len]
     cur = [(int(a), int(b)) for a, b in (c.split(":") for c in t.curriculum.split(",") if c)]
 
@@ -178,13 +188,59 @@ def run_trial(t: Trial) -> dict:
     c0 = time.process_time()
     t0 = time.time()
     load0 = os.getloadavg()[0]
-    loss1 = train(model, t, len_at, t.steps, t.batch, t.lr, rng)
+    curve = []
+
+    def on_step(step: int) -> None:
+        if t.curve_every and step % t.curve_every == 0 and step < t.steps:
+            accs = [passkey_accuracy(model, t, L, t.curve_samples, 99) for L in (lens[0], lens[2])]
+            curve.append([step, *accs])
+            print(f"curve step {step} acc 1x/4x {accs}", flush=True)
+
+    loss1 = train(model, t, len_at, t.steps, t.batch, t.lr, rng, on_step)
     t1 = time.time()
     before = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
     print(f"base: loss {loss1:.4f} acc {before} in {t1 - t0:.0f} s (cpu {time.process_time() - c0:.0f} s), "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     _save(model, t, "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    variants = {}
+    for spec in [v for v in t.ext_variants.split(",") if v]:
+        method, steps, lr = spec.split(":")
+        model.load_state_dict(base_state)
+        model.set_rope({"rope_type": "default", "rope_theta": t.rope_theta}, t.base_len)
+        variants[spec] = _extend(model, replace(t, ext_method=method, ext_steps=int(steps), ext_lr=float(lr)), lens, rng)
+        print(f"variant {spec}: {variants[spec]}", flush=True)
+    model.load_state_dict(base_state)
+    model.set_rope({"rope_type": "default", "rope_theta": t.rope_theta}, t.base_len)
     t2 = time.time()
+    _set_ext_rope(model, t)
+    no_train = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    t3 = time.time()
+    loss2 = train(model, replace(t, base_len=4 * t.base_len, warmup=min(t.warmup, 10)), lambda s: 4 * t.base_len,
+                  t.ext_steps, t.ext_batch, t.ext_lr, rng) if t.ext_steps else float("nan")
+    t4 = time.time()
+    after = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    t5 = time.time()
+    _save(model, t, "after")
+    res = {"trial": asdict(t), "lens": lens, "loss_base": round(loss1, 4), "loss_ext": round(loss2, 4),
+           "before": before, "ext_no_train": no_train, "after": after, "curve": curve, "variants": variants,
+           "s_base": round(t1 - t0, 1), "s_eval": round(t2 - t1 + t3 - t2 + t5 - t4, 1), "s_ext": round(t4 - t3, 1),
+           "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+           # CPU seconds of this process: close to the unloaded wall time with THREADS=1, what a shared machine hides
+           "cpu_s": round(time.process_time() - c0, 1)}
+    return res
+
+
+def _extend(model: Transformer, t: Trial, lens: list[int], rng: random.Random) -> dict:
+    """Set the extension's rope, train t.ext_steps at 4x, return accuracies untrained and after."""
+    _set_ext_rope(model, t)
+    no_train = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
+    train(model, replace(t, base_len=4 * t.base_len, warmup=min(t.warmup, 10)), lambda s: 4 * t.base_len,
+          t.ext_steps, t.ext_batch, t.ext_lr, rng)
+    return {"no_train": no_train, "after": [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]}
+
+
+def _set_ext_rope(model: Transformer, t: Trial) -> None:
     match t.ext_method:
         case "linear":
             model.set_rope({"rope_type": "linear", "rope_theta": t.rope_theta, "factor": t.ext_factor}, 4 * t.base_len)
@@ -197,21 +253,6 @@ def run_trial(t: Trial) -> dict:
             pass
         case _:
             raise ValueError(t.ext_method)
-    no_train = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
-    t3 = time.time()
-    loss2 = train(model, replace(t, base_len=4 * t.base_len, warmup=min(t.warmup, 10)), lambda s: 4 * t.base_len,
-                  t.ext_steps, t.ext_batch, t.ext_lr, rng) if t.ext_steps else float("nan")
-    t4 = time.time()
-    after = [passkey_accuracy(model, t, L, t.eval_samples, 1234) for L in lens]
-    t5 = time.time()
-    _save(model, t, "after")
-    res = {"trial": asdict(t), "lens": lens, "loss_base": round(loss1, 4), "loss_ext": round(loss2, 4),
-           "before": before, "ext_no_train": no_train, "after": after,
-           "s_base": round(t1 - t0, 1), "s_eval": round(t2 - t1 + t3 - t2 + t5 - t4, 1), "s_ext": round(t4 - t3, 1),
-           "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
-           # CPU seconds of this process: close to the unloaded wall time with THREADS=1, what a shared machine hides
-           "cpu_s": round(time.process_time() - c0, 1)}
-    return res
 
 
 def _save(model: Transformer, t: Trial, name: str) -> None:
@@ -230,13 +271,57 @@ TRIALS: dict[str, dict] = {
     "base": {},
 }
 
+# Grids: lists of override strings, run as parallel processes (`--grid NAME --jobs N`).
+_G1_COMMON = ("base_len=128 steps=4000 batch=16 lr=5e-3 warmup=50 digits=2 template=compact ext_method=yarn "
+              "ext_steps=150 ext_lr=1e-3 ext_batch=4 eval_samples=100 curve_every=1000 "
+              "ext_variants=linear:150:1e-3,yarn:400:2e-3")
+GRIDS: dict[str, list[str]] = {
+    "g1": [_G1_COMMON + " " + extra for extra in (
+        "filler=repeat answer_weight=1 filler_weight=0",            # the recipe of 2026-11-26 (answer-only loss)
+        "filler=echo",                                              # copyable filler, loss on every token
+        "filler=echo lr=1e-2",
+        "filler=echo dim=64 head_dim=16 mlp=192",
+        "filler=repeat",
+        "filler=random answer_weight=1 filler_weight=0",
+        "filler=echo digits=3",
+        "filler=echo answer_weight=5",
+        "filler=echo rope_theta=1000",
+        "filler=echo rope_theta=100000",
+        "filler=echo n_layers=3",
+        "filler=repeat lr=1e-2 answer_weight=1 filler_weight=0",
+    )],
+}
+
+
+def run_grid(name: str, jobs: int, log: str, device: str) -> None:
+    """Run a grid's trials as `jobs` parallel processes of one thread each; each appends its JSON to `log`."""
+    import subprocess
+
+    todo = [(i, o) for i, o in enumerate(GRIDS[name])]
+    running: list[subprocess.Popen] = []
+    env = {**os.environ, "THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    while todo or running:
+        while todo and len(running) < jobs:
+            i, o = todo.pop(0)
+            out = open(f"{log}.{name}-{i}.txt", "w")
+            cmd = [sys.executable, __file__, "--trial", "base", "--log", log, f"device={device}", *o.split()]
+            running.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+        time.sleep(1)
+        running = [p for p in running if p.poll() is None]
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--trial", default="base")
     p.add_argument("--log", default="benchmarks/demo_search.jsonl")
+    p.add_argument("--grid", default="", help="run a grid of trials (GRIDS) in parallel processes")
+    p.add_argument("--jobs", type=int, default=12)
+    p.add_argument("--device", default="cpu", help="device of the grid's trials")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    if a.grid:
+        return run_grid(a.grid, a.jobs, a.log, a.device)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     t = replace(Trial(), **TRIALS[a.trial])
     types = {f.name: f.type for f in fields(Trial)}

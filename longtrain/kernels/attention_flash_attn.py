@@ -5,9 +5,9 @@
 - `fa4`: flash-attention 4, the CuTe-DSL kernels for Hopper/Blackwell (`pip install flash-attn-4`,
   module `flash_attn.cute`); it compiles each new shape configuration on first call (~4 s on an H100).
 
-Both accept the layouts of attention_layout.py (causal, full, empty, varlen). Their own autograd does not
-differentiate the LSE, so a gradient reaching the LSE (ring attention's merge) raises instead of being
-dropped: use `sdpa_flash` (which folds the LSE gradient into the fused backward) for context parallelism.
+Both accept the layouts of attention_layout.py (causal, full, empty, varlen). flash-attn 2's autograd does not
+differentiate the LSE, so a gradient reaching it (ring attention's merge) raises instead of being dropped;
+flash-attn-4's does (its backward takes dLSE).
 """
 
 from __future__ import annotations
@@ -89,22 +89,83 @@ def attention_flash_attn(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale:
     return out.view(bs, sq, h, d), _LseWithoutGrad.apply(lse, q, "flash_attn")
 
 
+# flash-attn-4's kernels run behind a torch.library op pair so that they are single dispatcher ops: selective
+# activation checkpointing can then keep the forward's outputs (out, LSE) instead of recomputing attention
+# (its policy sees ops, and the package's own autograd.Function is invisible to it). The ops call the
+# package's `_flash_attn_fwd` / `_flash_attn_bwd`, the functions its public `flash_attn_func` /
+# `flash_attn_varlen_func` wrap (checked against flash-attn-4 4.0.0b36).
+
+
+def _fa4_interface():
+    return _import("fa4", "flash_attn.cute.interface", "flash-attn-4")
+
+
+def _fa4_window(window_left: int) -> tuple[int | None, int | None]:
+    return (None, None) if window_left < 0 else (window_left, 0)
+
+
+@torch.library.custom_op("longtrain::fa4_fwd", mutates_args=(), device_types="cuda")
+def fa4_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None, max_seqlen: int, scale: float,
+            causal: bool, window_left: int) -> tuple[Tensor, Tensor]:
+    """(out, lse): dense q/k/v (bs, s, h, d) with cu_seqlens None, or flattened (total, h, d) with cu_seqlens."""
+    left, right = _fa4_window(window_left)
+    varlen = cu_seqlens is not None
+    out, lse, *_ = _fa4_interface()._flash_attn_fwd(
+        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen if varlen else None,
+        max_seqlen_k=max_seqlen if varlen else None, softmax_scale=scale, causal=causal,
+        window_size_left=left, window_size_right=right, return_lse=True)
+    return out, lse
+
+
+@torch.library.custom_op("longtrain::fa4_bwd", mutates_args=(), device_types="cuda")
+def fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+            cu_seqlens: Tensor | None, max_seqlen: int, scale: float, causal: bool,
+            window_left: int) -> tuple[Tensor, Tensor, Tensor]:
+    left, right = _fa4_window(window_left)
+    varlen = cu_seqlens is not None
+    dq, dk, dv = _fa4_interface()._flash_attn_bwd(
+        q, k, v, out, dout, lse, scale, causal, 0.0, window_size_left=left, window_size_right=right,
+        cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen if varlen else None,
+        max_seqlen_k=max_seqlen if varlen else None, dlse=dlse)
+    return dq, dk, dv
+
+
+def _fa4_setup(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, scale, causal, window_left = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+    ctx.args = (max_seqlen, scale, causal, window_left)
+
+
+def _fa4_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup)
+
+
 def attention_fa4(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float) -> tuple[Tensor, Tensor]:
-    """flash-attention 4 (CuTe DSL, `flash_attn.cute`), variable-length.
+    """flash-attention 4 (CuTe DSL, `flash_attn.cute`): dense rows through the batched kernel, packed documents
+    through the variable-length one. Its backward takes a gradient for the LSE, so this backend also serves
+    ring attention's merge; selective checkpointing keeps its outputs (the `longtrain::fa4_fwd` op).
 
     Raises:
         NotImplementedError: flash-attn-4 not installed, not CUDA/bf16/fp16, or an unsupported mask.
     """
-    fa4 = _import("fa4", "flash_attn.cute", "flash-attn-4")
+    _fa4_interface()
     _check_inputs("fa4", q, k)
     kind, cu, max_s, causal = _varlen_args(q, k, mask, "fa4")
     if kind == "empty":
         return _empty(q)
+    window_left = -1 if mask.window is None else mask.window - 1
+    if kind in ("causal", "full"):
+        out, lse = fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), None, q.shape[1], scale, causal,
+                           window_left)
+        return out, lse  # lse: (bs, h, sq), fp32
     bs, sq, h, d = q.shape
-    window = (None, None) if mask.window is None else (mask.window - 1, 0)
-    out, lse = fa4.flash_attn_varlen_func(
-        q.reshape(bs * sq, h, d), k.reshape(-1, k.shape[2], d), v.reshape(-1, v.shape[2], d),
-        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_s, max_seqlen_k=max_s, softmax_scale=scale,
-        causal=causal, window_size=window)
-    lse = lse.view(h, bs, sq).transpose(0, 1).float()  # (h, total) -> (bs, h, sq)
-    return out.view(bs, sq, h, d), _LseWithoutGrad.apply(lse, q, "fa4")
+    out, lse = fa4_fwd(q.reshape(bs * sq, h, d), k.reshape(-1, k.shape[2], d), v.reshape(-1, v.shape[2], d),
+                       cu, max_s, scale, causal, window_left)
+    return out.view(bs, sq, h, d), lse.view(h, bs, sq).transpose(0, 1)  # (h, total) -> (bs, h, sq)

@@ -10,8 +10,8 @@ Modes (applied from outside: each block's `forward` is wrapped on the instance; 
   (norms, projections, RoPE, MLP). Attention is the costly op at long context (quadratic), the rest is
   linear and cheap to redo (Korthikanti et al. 2022, arXiv:2205.05198, "selective recomputation";
   PITFALLS.md). The attention ops recognised are the fused aten SDPA kernels (flash, cuDNN, efficient,
-  flash-for-CPU) and flash-attn's ops when loaded; `save_ops` adds others. An attention written as many
-  small ops (the pure-torch reference) has no single op to keep and is recomputed like the rest.
+  flash-for-CPU), longtrain's flash-attn-4 op and flash-attn's ops when loaded; `save_ops` adds others.
+  An attention written as many small ops (the pure-torch reference) has no single op to keep and is recomputed like the rest.
 
 `offload=True` moves what the blocks save to host memory (parallel/offload.py): with "full" only the
 block inputs (plus RoPE cos/sin once) go to the host, so GPU activation memory no longer grows with the
@@ -52,6 +52,10 @@ def attention_ops() -> set:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
              "_flash_attention_forward", "_efficient_attention_forward")
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    # flash-attn-4 runs behind longtrain's own op pair (kernels/attention_flash_attn.py).
+    import longtrain.kernels.attention_flash_attn  # noqa: F401  (registers torch.ops.longtrain.fa4_fwd)
+
+    ops.add(torch.ops.longtrain.fa4_fwd.default)
     # flash-attn 2 registers torch.library ops when imported (its forward returns out and softmax_lse).
     flash = getattr(torch.ops, "flash_attn", None)
     for n in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
