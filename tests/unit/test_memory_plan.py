@@ -115,7 +115,7 @@ def test_plan_cli_on_a_recipe(tmp_path: Path, capsys) -> None:
 # Measured peaks, torch.cuda.max_memory_allocated, one H100 80GB, bf16, torch AdamW, random init, fused Triton
 # RMSNorm/RoPE/SwiGLU, 2026-11-26. max_context: docs/memory.md "Measured" (--warmup 0 --steps 1: the optimizer
 # states do not exist before opt.step, hence steady_state=False; loss impl torch, chunk 2048, seq_tile 8192;
-# attention cuDNN, at 1M flash-attn-4 4.0.0b36). throughput: docs/benchmarks.md "Throughput (issue 8)" (warm-up
+# attention cuDNN, at 1B 1M and 3B 512K flash-attn-4 4.0.0b36). throughput: docs/benchmarks.md "Throughput (issue 8)" (warm-up
 # steps: states exist; loss impl compile; no AC up to 32K, selective at 128K; no tiled MLP; attention `auto`,
 # which then chose cuDNN for dense causal).
 ALL_SWITCHES = dict(ac_mode="full", offload=True, tiled_mlp=True, seq_tile=8192, fused_kernels=True)
@@ -125,6 +125,7 @@ MEASURED = [
     ("max_context 1B 512K all switches cudnn", ONE_B, 524288, dict(FIRST_STEP, attention="sdpa_cudnn"), 35.0),
     ("max_context 3B 256K all switches cudnn", THREE_B, 262144, dict(FIRST_STEP, attention="sdpa_cudnn"), 35.3),
     ("max_context 1B 1M all switches fa4", ONE_B, 1048576, dict(FIRST_STEP, attention="fa4"), 57.55),
+    ("max_context 3B 512K all switches fa4", THREE_B, 524288, dict(FIRST_STEP, attention="fa4"), 53.70),
     ("throughput 1B 8K no AC", ONE_B, 8192, THROUGHPUT, 19.8),
     ("throughput 1B 32K no AC", ONE_B, 32768, THROUGHPUT, 47.9),
     ("throughput 1B 128K selective", ONE_B, 131072, dict(THROUGHPUT, ac_mode="selective"), 37.1),
