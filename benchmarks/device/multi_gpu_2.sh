@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Second 2-GPU device call (issue 10): 8B CP scaling, the native-CP peer (fixed), a GPU end-to-end run, torchtitan.
-#   (device tool, kind nvidia-h100-x2) carry [".whl", ".whl-tt"]:  bash benchmarks/device/multi_gpu_2.sh
+# Multi-GPU device calls of issue 10 on 2 or 4 GPUs: NCCL parity at 4 GPUs, 8B CP scaling, the native-CP peer, a GPU
+# end-to-end run, torchtitan.
+#   (device tool, kind nvidia-h100-x2 or -x4) carry [".whl", ".whl-tt"]:  bash benchmarks/device/multi_gpu_2.sh
+# With flash-attn-4 (auto then uses it for the per-rank attention), two calls on one warm machine:
+#   carry [".whl1"]: bash .whl1/unpack.sh
+#   carry [".whl2", ".whl"]: bash .whl2/unpack.sh && source /tmp/site/env.sh && STEPS="0 1a" bash benchmarks/device/multi_gpu_2.sh
 # .whl: deepspeed/hjson/pydantic + liger-kernel 0.8.5 wheels; .whl-tt: torchtitan-0.3.0 (`pip download torchtitan
 # --no-deps`), installed apart so that it cannot shadow anything the other steps import.
 # Steps in priority order, each under its own timeout, capped by a deadline for the whole call (DEADLINE s after
@@ -14,32 +18,36 @@
 # GPU); full AC + tiled MLP + fused kernels; 16 GiB of checkpointed block inputs at 64K tokens/GPU fit (plan ~67
 # GiB), 32 GiB at 128K do not, so 1b offloads them to host memory (~32 GiB pinned per rank, 256 GB host).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"4 1a 1b 2 3"}
-DEADLINE=${DEADLINE:-550}
-T0=$SECONDS
-left() {  # seconds for the next step: its cap, or what is left before the deadline (0: skip it)
-  local l=$((DEADLINE - (SECONDS - T0))); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 20 ] && l=0; echo $l
-}
-run_step() {  # run_step NAME CAP CMD...: timed, logged to $OUT/NAME.log, skipped when no time is left
-  local name=$1 cap=$2; shift 2
-  case " $STEPS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac
-  local t; t=$(left "$cap")
-  if [ "$t" -eq 0 ]; then echo "== $name: SKIPPED (deadline; run it with STEPS=${name%%_*})"; return 0; fi
-  echo "== $name (timeout ${t}s, at $((SECONDS - T0))s)"
-  local s=$SECONDS
-  timeout "$t" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i -E 'warn|return func|^\s*$|sliced_mesh'
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: rc=$rc in $((SECONDS - s))s$([ $rc -eq 124 ] && echo ' (TIMEOUT)')"
-}
+STEPS=${STEPS:-"0 4 1a 1b 2 3"}
+source benchmarks/device/steps.sh
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PYTHONPATH:/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site3 .whl/*.whl \
+  && export PYTHONPATH=$PYTHONPATH:/tmp/site3
 N=$(nvidia-smi -L | wc -l); echo "GPUs: $N"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 git rev-parse --short HEAD 2>/dev/null
 export TR="torchrun --nproc-per-node $N"
+python -c "import torch; from longtrain.kernels.attention_auto import fa4_usable; print('auto uses fa4:', fa4_usable(0))"
+
+# 0. NCCL/bf16 parity at this many GPUs: every cp mode (hybrid = Ulysses 2 x ring) against cp=1, FSDP2 and ZeRO-3, per-rank
+#    reference math (packed documents, a length not divisible by 2*cp); then the fast per-rank kernels (auto: fa4 or
+#    cuDNN) on one-document rows, where Ulysses and all-gather now hand them natural-order causal/full blocks.
+parity() {
+  local check="-m longtrain.trainer.check_parallel --flavor debug --dtype bf16 --batches 2"
+  for m in ring allgather ulysses "hybrid --ulysses 2"; do
+    $TR $check --seq-len 4093 --cp-mode $m 2>&1 | grep -E "^check-parallel|^  (loss|grad|max|OK|FAIL|MISMATCH)|Error|error:"
+  done
+  for m in ring "hybrid --ulysses 2"; do
+    $TR $check --seq-len 4093 --cp-mode $m --sharding deepspeed --zero-stage 3 2>&1 | grep -E "^check-parallel|^  (loss|grad|max|OK|FAIL|MISMATCH)|Error|error:"
+  done
+  for m in ring allgather ulysses; do
+    $TR $check --seq-len 8192 --cp-mode $m --attention-backend auto 2>&1 | grep -E "^check-parallel|^  (loss|grad|max|OK|FAIL|MISMATCH)|Error|error:"
+  done
+}
+export -f parity
+[ "$N" -ge 4 ] && run_step 0_parity 200 bash -c parity
 SCALE="benchmarks/cp_scaling.py --flavor llama3.1-8b --ac full --master-dtype bf16 --fused"
 
 # 4. torchtitan 0.3.0 against this torch: does its CP path import? (cheap, so first; it needs no GPU time)
@@ -58,7 +66,8 @@ export -f tt_probe  # timeout runs programs, not functions: bash -c FUNCTION
 run_step 4_torchtitan 30 bash -c tt_probe
 
 # 1a. 8B weak scaling at 64K tokens per GPU: cp=1 (dp_shard=2, two 64K sequences) vs cp=2 (one 128K sequence).
-run_step 1a_scaling_64k 250 $TR $SCALE --tokens-per-gpu 65536 --cps 1,2 --modes allgather,ulysses --steps 1 \
+CPS=$([ "$N" -ge 4 ] && echo 1,2,4 || echo 1,2)
+run_step 1a_scaling_64k 380 $TR $SCALE --tokens-per-gpu 65536 --cps $CPS --modes ulysses,allgather --steps 1 \
   --out "$OUT/scaling_64k.jsonl"
 
 # 1b. The best mode of 1a at 128K tokens per GPU (a 256K sequence), activations offloaded; one untimed step would
