@@ -42,11 +42,14 @@ parity() {
   for m in ring "hybrid --ulysses 2"; do
     $TR $check --seq-len 4093 --cp-mode $m --sharding deepspeed --zero-stage 3 2>&1 | grep -E "^check-parallel|^  (loss|grad|max|OK|FAIL|MISMATCH)|Error|error:"
   done
+}
+parity_fast() {
+  local check="-m longtrain.trainer.check_parallel --flavor debug --dtype bf16 --batches 2"
   for m in ring allgather ulysses; do
     $TR $check --seq-len 8192 --cp-mode $m --attention-backend auto 2>&1 | grep -E "^check-parallel|^  (loss|grad|max|OK|FAIL|MISMATCH)|Error|error:"
   done
 }
-export -f parity
+export -f parity parity_fast
 [ "$N" -ge 4 ] && run_step 0_parity 200 bash -c parity
 SCALE="benchmarks/cp_scaling.py --flavor llama3.1-8b --ac full --master-dtype bf16 --fused"
 
@@ -107,5 +110,6 @@ print("export loads in transformers:", type(m).__name__, tuple(logits.shape), "r
 EOF
 }
 export -f e2e
+run_step 5_parity_fast 120 bash -c parity_fast
 run_step 3_e2e 240 bash -c e2e
 echo "== done at $((SECONDS - T0))s"

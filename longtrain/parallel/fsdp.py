@@ -60,7 +60,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = to
         The same model, now an FSDPModule.
     """
     dp_mesh = fsdp_mesh(mesh)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # cast_forward_inputs=False: FSDP2 would otherwise cast every floating input of a block to param_dtype,
+    # the rope cos/sin included, which must stay fp32 (PITFALLS.md: bf16 angles err by whole radians at long
+    # positions). The hidden states need no cast: they come out of bf16 weights already in bf16.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
