@@ -16,7 +16,8 @@ cached on the mask, so it is made once per forward pass. Measured on an H100 SXM
 | cuda   | bf16 / fp16    | %8, <= 256        | varlen, mean doc >= 8K | sdpa_cudnn  |
 | cuda   | bf16 / fp16    | %8, <= 256        | general (CP docs, ...) | flex        |
 
-(*) when flash-attn-4 is installed and the GPU is Hopper or newer (compute capability >= 9): measured on
+(*) when flash-attn-4 is installed, the GPU is Hopper or newer (compute capability >= 9) and head_dim is one
+where it was checked (FA4_HEAD_DIMS: 64, 128): measured on
 the H100, 2026-11-26, fwd+bwd useful TFLOP/s, 32 q / 8 kv heads x 64: fa4 469 / 462 vs cuDNN 374 / 366
 causal at 32K / 128K; 8 packed documents 371 / 444 vs cuDNN per document 199 / 331; head_dim 128 (24 / 8
 heads) at 128K: 533 vs 464. Its LSE is differentiable, so ring attention can use it.
@@ -43,6 +44,11 @@ DENSE_CHOICE = "sdpa_cudnn"
 # Packed documents: flash varlen (one launch) vs cuDNN per document. Same run, 8 equal documents:
 # 8K (1K docs) flash 117 vs cuDNN 33; 32K (4K docs) 212 vs 183; 128K (16K docs) 233 vs 308.
 PER_DOC_CUDNN_FROM = 8192  # mean document length at which per-document cuDNN overtakes flash varlen
+# Head dims at which flash-attn-4 4.0.0b36 was checked against the reference, forward and backward, on the H100
+# (benchmarks/attention.py --check, 2026-11-26). At head_dim 16 with GQA (the debug flavor, 4 q / 2 kv heads)
+# its gradients disagreed with every other backend on 4 H200s (check_parallel, k_proj grads off by 3.9x): auto
+# keeps it to the checked dims; naming `fa4` explicitly still reaches it for any dim.
+FA4_HEAD_DIMS = (64, 128)
 
 
 @functools.cache
@@ -63,7 +69,7 @@ def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
     if q.dtype.itemsize != 2 or head_dim % 8 or head_dim > 256:
         return "flex"
     layout = classify(mask, q.shape[1], k.shape[1])
-    if layout.kind in ("causal", "full", "varlen") and fa4_usable(q.device.index or 0):
+    if layout.kind in ("causal", "full", "varlen") and head_dim in FA4_HEAD_DIMS and fa4_usable(q.device.index or 0):
         return "fa4"
     match layout.kind:
         case "causal" | "full" | "empty":
