@@ -37,3 +37,8 @@ def test_demo_extends_4x_with_a_rope_method_and_evaluates_1x_2x_4x():
     ev = recipe.stages[0].eval
     assert ev is not None and ev.untrained_next_rope
     assert ev.lengths == [short.seq_len, 2 * short.seq_len, 4 * short.seq_len]
+    # The extension rescales the base the model was trained with (issue 4: rope_theta 1e5), not another one,
+    # and the eval asks the task the model was trained on.
+    assert long.rope["rope_theta"] == recipe.model.model_args().rope["rope_theta"]
+    train_opts = short.data.sources[0].options
+    assert all(ev.task_options["passkey"][k] == train_opts[k] for k in ("digits", "filler", "template"))
