@@ -163,26 +163,11 @@ def run_trial(a: argparse.Namespace) -> Trial:
     return res
 
 
-def planned_attention(name: str) -> str:
-    """The backend the plan models: for `auto`, the kernel auto picks for dense causal rows on this GPU.
-
-    The plan alone cannot see which packages are installed, so for `auto` it takes the larger of the
-    fa4 / cuDNN workspaces; here, on the machine itself, the choice is known (3B at 512K: 59.3 GiB planned
-    for auto against 53.7 measured with fa4, whose own plan is 54.4).
-    """
-    import torch
-
-    if name != "auto" or not torch.cuda.is_available():
-        return name
-    from longtrain.kernels.attention_auto import DENSE_CHOICE, fa4_usable
-
-    return "fa4" if fa4_usable(torch.cuda.current_device()) else DENSE_CHOICE
-
-
 def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     import torch
 
     from longtrain.kernels.attention import get_attention_backend
+    from longtrain.kernels.attention_auto import dense_choice_here
     from longtrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
     from longtrain.model.decoder import Transformer
     from longtrain.plan import ATTENTION_BACKENDS, plan_memory
@@ -205,7 +190,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     if a.attn in ATTENTION_BACKENDS:  # the plan does not model flex / reference (the smoke run's): no plan then
         res.plan_gib = plan_memory(margs, a.seq, dtype=dt, loss_chunk=None if plain else 2048, fused_kernels=a.fused,
                                    loss_impl=a.loss_impl, steady_state=a.warmup > 0,
-                                   attention=planned_attention(a.attn), **switches).total / GIB
+                                   attention=dense_choice_here(a.attn, margs.head_dim), **switches).total / GIB
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     labels = torch.roll(ids, -1, dims=1)
 
@@ -277,6 +262,7 @@ def _spawn(a: argparse.Namespace, side: str, flavor: str, seq: int, switches: tu
 
 def _longtrain_trial(a: argparse.Namespace, flavor: str, seq: int) -> Trial:
     """Cheapest switch set predicted to fit first; on OOM the next costlier ones (each in a fresh process)."""
+    from longtrain.kernels.attention_auto import dense_choice_here
     from longtrain.model.args import model_flavor
     from longtrain.plan import ATTENTION_BACKENDS, SWITCH_LADDER, plan_memory
 
@@ -286,9 +272,10 @@ def _longtrain_trial(a: argparse.Namespace, flavor: str, seq: int) -> Trial:
     elif a.attn in ATTENTION_BACKENDS:  # otherwise no plan: the ladder is tried from its cheapest setting
         margs = model_flavor(flavor)
         dt = "float32" if a.smoke else "bfloat16"
+        attention = dense_choice_here(a.attn, margs.head_dim)
         fits = [i for i, (_, sw) in enumerate(ladder)
                 if plan_memory(margs, seq, dtype=dt, fused_kernels=a.fused, loss_impl=a.loss_impl,
-                               steady_state=a.warmup > 0, attention=planned_attention(a.attn), **sw).fits(int(a.gpu_memory_gib * GIB))]
+                               steady_state=a.warmup > 0, attention=attention, **sw).fits(int(a.gpu_memory_gib * GIB))]
         ladder = ladder[fits[0]:] if fits else ladder[-1:]
     t = Trial("longtrain", flavor, seq, error="no switch set tried")
     for sw in ladder:

@@ -403,6 +403,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Print the plan of every stage of the recipe and the switches that fit. Returns 0 if all stages fit."""
     from longtrain.config import load_recipe  # config sits above plan in the data flow
+    from longtrain.kernels.attention_auto import dense_choice_here
     from longtrain.kernels.linear_cross_entropy import auto_chunk_tokens
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -419,7 +420,9 @@ def run(args: argparse.Namespace) -> int:
     # What the trainer runs: the recipe's attention backend, its loss chunk (linear_cross_entropy's default,
     # eager impl), no fused kernels and no sequence-tiled blocks (the trainer applies neither), and the
     # optimizer states of every step after the first.
-    common = dict(attention=recipe.model.attention, loss_chunk=auto_chunk_tokens(model_args.vocab_size),
+    # `auto` is planned as the kernel it picks on this machine's GPU; without one, as the larger candidate.
+    attention = dense_choice_here(recipe.model.attention, model_args.head_dim)
+    common = dict(attention=attention, loss_chunk=auto_chunk_tokens(model_args.vocab_size),
                   loss_impl="torch", fused_kernels=False, steady_state=True)
     for i, stage in enumerate(recipe.stages):
         mem = stage.memory

@@ -61,6 +61,19 @@ def fa4_usable(device_index: int) -> bool:
     return ok and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def dense_choice_here(name: str, head_dim: int) -> str:
+    """The kernel `name` resolves to for dense causal rows of `head_dim` on this machine's GPU (for planning).
+
+    Only `auto` is resolved, and only where a GPU is visible; elsewhere the name comes back unchanged (the
+    memory plan then takes the larger workspace of the candidates).
+    """
+    if name != "auto" or not torch.cuda.is_available():
+        return name
+    if head_dim in FA4_HEAD_DIMS and fa4_usable(torch.cuda.current_device()):
+        return "fa4"
+    return DENSE_CHOICE
+
+
 def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
     """The backend name `auto` uses for this call (the table in the module docstring)."""
     if q.device.type != "cuda":

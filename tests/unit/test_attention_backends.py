@@ -174,3 +174,12 @@ def test_flex_inside_the_model_matches_reference():
         model.set_attention(get_attention_backend("flex"))
         out = model(ids, doc_ids=doc)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # fp32, two layers of reordered sums
+
+
+def test_dense_choice_here_resolves_auto_only_with_a_gpu() -> None:
+    from longtrain.kernels.attention_auto import dense_choice_here
+
+    # Explicit names pass through; on a machine without a GPU `auto` stays `auto` (the plan's larger candidate).
+    assert dense_choice_here("sdpa_cudnn", 64) == "sdpa_cudnn"
+    if not torch.cuda.is_available():
+        assert dense_choice_here("auto", 64) == "auto"
