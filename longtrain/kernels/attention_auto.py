@@ -61,6 +61,11 @@ def fa4_usable(device_index: int) -> bool:
     return ok and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _fa4_for(head_dim: int, device_index: int) -> bool:
+    """auto's flash-attn-4 condition: a checked head dim, the package importable, a Hopper-or-newer GPU."""
+    return head_dim in FA4_HEAD_DIMS and fa4_usable(device_index)
+
+
 def dense_choice_here(name: str, head_dim: int) -> str:
     """The kernel `name` resolves to for dense causal rows of `head_dim` on this machine's GPU (for planning).
 
@@ -69,9 +74,7 @@ def dense_choice_here(name: str, head_dim: int) -> str:
     """
     if name != "auto" or not torch.cuda.is_available():
         return name
-    if head_dim in FA4_HEAD_DIMS and fa4_usable(torch.cuda.current_device()):
-        return "fa4"
-    return DENSE_CHOICE
+    return "fa4" if _fa4_for(head_dim, torch.cuda.current_device()) else DENSE_CHOICE
 
 
 def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
@@ -82,7 +85,7 @@ def choose_backend(q: Tensor, k: Tensor, mask: AttnMask) -> str:
     if q.dtype.itemsize != 2 or head_dim % 8 or head_dim > 256:
         return "flex"
     layout = classify(mask, q.shape[1], k.shape[1])
-    if layout.kind in ("causal", "full", "varlen") and head_dim in FA4_HEAD_DIMS and fa4_usable(q.device.index or 0):
+    if layout.kind in ("causal", "full", "varlen") and _fa4_for(head_dim, q.device.index or 0):
         return "fa4"
     match layout.kind:
         case "causal" | "full" | "empty":

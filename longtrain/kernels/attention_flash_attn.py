@@ -162,9 +162,8 @@ def attention_fa4(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float)
         return _empty(q)
     window_left = -1 if mask.window is None else mask.window - 1
     if kind in ("causal", "full"):
-        out, lse = fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), None, q.shape[1], scale, causal,
-                           window_left)
-        return out, lse  # lse: (bs, h, sq), fp32
+        # lse: (bs, h, sq), fp32
+        return fa4_fwd(q.contiguous(), k.contiguous(), v.contiguous(), None, q.shape[1], scale, causal, window_left)
     bs, sq, h, d = q.shape
     out, lse = fa4_fwd(q.reshape(bs * sq, h, d), k.reshape(-1, k.shape[2], d), v.reshape(-1, v.shape[2], d),
                        cu, max_s, scale, causal, window_left)

@@ -11,7 +11,8 @@ Modes (applied from outside: each block's `forward` is wrapped on the instance; 
   linear and cheap to redo (Korthikanti et al. 2022, arXiv:2205.05198, "selective recomputation";
   PITFALLS.md). The attention ops recognised are the fused aten SDPA kernels (flash, cuDNN, efficient,
   flash-for-CPU), longtrain's flash-attn-4 op and flash-attn's ops when loaded; `save_ops` adds others.
-  An attention written as many small ops (the pure-torch reference) has no single op to keep and is recomputed like the rest.
+  An attention written as many small ops (the pure-torch reference) has no single op to keep and is
+  recomputed like the rest.
 
 `offload=True` moves what the blocks save to host memory (parallel/offload.py): with "full" only the
 block inputs (plus RoPE cos/sin once) go to the host, so GPU activation memory no longer grows with the

@@ -159,13 +159,12 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: 
     for piece in plan.pieces:
         qp, end = q[:, piece.rows], piece.start + piece.rows.stop - piece.rows.start
         out, lse = backend(qp, k_nat[:, piece.start:end], v_nat[:, piece.start:end], piece.diag, scale)
-        out, lse = out.float(), lse.float()
-        if piece.past is not None:
+        if piece.past is not None:  # the merge runs in fp32; a chunk with no past needs no round trip
             out_p, lse_p = backend(qp, k_nat[:, :piece.start], v_nat[:, :piece.start], piece.past, scale)
-            out, lse = merge_partials(out, lse, out_p, lse_p)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=2)
+            out, lse = merge_partials(out.float(), lse.float(), out_p, lse_p)
+        outs.append(out.to(q.dtype))
+        lses.append(lse.float())
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 
 def _natural_mask(mask: AttnMask) -> tuple[Tensor | None, Tensor | None, AttnMask] | None:

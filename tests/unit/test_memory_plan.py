@@ -115,9 +115,9 @@ def test_plan_cli_on_a_recipe(tmp_path: Path, capsys) -> None:
 # Measured peaks, torch.cuda.max_memory_allocated, one H100 80GB, bf16, torch AdamW, random init, fused Triton
 # RMSNorm/RoPE/SwiGLU, 2026-11-26. max_context: docs/memory.md "Measured" (--warmup 0 --steps 1: the optimizer
 # states do not exist before opt.step, hence steady_state=False; loss impl torch, chunk 2048, seq_tile 8192;
-# attention cuDNN, at 1B 1M and 3B 512K flash-attn-4 4.0.0b36). throughput: docs/benchmarks.md "Throughput (issue 8)" (warm-up
-# steps: states exist; loss impl compile; no AC up to 32K, selective at 128K; no tiled MLP; attention `auto`,
-# which then chose cuDNN for dense causal).
+# attention cuDNN, at 1B 1M and 3B 512K flash-attn-4 4.0.0b36). throughput: docs/benchmarks.md "Throughput
+# (issue 8)" (warm-up steps: states exist; loss impl compile; no AC up to 32K, selective at 128K; no tiled
+# MLP; attention `auto`, which then chose cuDNN for dense causal).
 ALL_SWITCHES = dict(ac_mode="full", offload=True, tiled_mlp=True, seq_tile=8192, fused_kernels=True)
 FIRST_STEP = dict(ALL_SWITCHES, steady_state=False)
 THROUGHPUT = dict(fused_kernels=True, loss_impl="compile", attention="sdpa_cudnn")
