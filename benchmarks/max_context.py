@@ -3,7 +3,8 @@
 For each model shape (Llama-3.2-1B, Llama-3.2-3B; random init, bf16, AdamW) and each side, the length is
 searched by doubling until a step fails (out of memory), then one 1.5x step between the last success and
 the first failure. Every trial runs in a fresh subprocess, so an OOM does not poison the allocator of the
-next one. Sides:
+next one, and holds the optimizer states before its timed step (a warm-up step, or with --warmup 0 a
+zero-gradient opt.step, creates them), so "fits" means a step of steady training fits. Sides:
 
     longtrain        all memory switches: chunked loss, activation checkpointing + offload to host,
                      sequence-tiled blocks; `--lt-switches auto` takes the cheapest setting that
@@ -19,6 +20,7 @@ ratio the issue bounds (<= 1.35x).
 
     python benchmarks/max_context.py                                  # H100: both shapes, all sides
     python benchmarks/max_context.py --flavors llama3.2-1b --sides longtrain --start 524288
+    python benchmarks/max_context.py --flavors llama3.2-1b --sides hf,hf_liger --side-start hf=32768,hf_liger=262144
     python benchmarks/max_context.py --smoke                          # CPU, tiny model: the logic only
 """
 
@@ -136,6 +138,8 @@ def run_trial(a: argparse.Namespace) -> Trial:
                 step = _hf_step(a, margs, ids, device, dtype)
             case other:
                 raise ValueError(f"unknown side {other!r}; valid: {', '.join(SIDES)}")
+        if a.warmup == 0:  # a step of steady training holds the optimizer states: create them first
+            _create_optimizer_states(step.optimizer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(a.warmup):
@@ -161,6 +165,21 @@ def run_trial(a: argparse.Namespace) -> Trial:
         res.peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     res.mfu = mfu(a.seq / res.step_s, flops_per_token(margs, a.seq), device_peak_flops(device))
     return res
+
+
+def _create_optimizer_states(opt) -> None:
+    """Let AdamW create its moments now (a zero-gradient step), so one timed step measures the steady-state peak.
+
+    torch creates the states inside the first opt.step(), after that step's backward: a first step alone
+    would peak without them (2 moments x parameters: 4.6 GiB at 1B, 12 GiB at 3B in bf16).
+    """
+    import torch
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
@@ -189,7 +208,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     dt = "float32" if dtype == torch.float32 else "bfloat16"
     if a.attn in ATTENTION_BACKENDS:  # the plan does not model flex / reference (the smoke run's): no plan then
         res.plan_gib = plan_memory(margs, a.seq, dtype=dt, loss_chunk=None if plain else 2048, fused_kernels=a.fused,
-                                   loss_impl=a.loss_impl, steady_state=a.warmup > 0,
+                                   loss_impl=a.loss_impl, steady_state=True,
                                    attention=dense_choice_here(a.attn, margs.head_dim), **switches).total / GIB
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     labels = torch.roll(ids, -1, dims=1)
@@ -204,6 +223,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt
     return step
 
 
@@ -235,6 +255,7 @@ def _hf_step(a, margs, ids, device, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt
     return step
 
 
@@ -275,7 +296,7 @@ def _longtrain_trial(a: argparse.Namespace, flavor: str, seq: int) -> Trial:
         attention = dense_choice_here(a.attn, margs.head_dim)
         fits = [i for i, (_, sw) in enumerate(ladder)
                 if plan_memory(margs, seq, dtype=dt, fused_kernels=a.fused, loss_impl=a.loss_impl,
-                               steady_state=a.warmup > 0, attention=attention, **sw).fits(int(a.gpu_memory_gib * GIB))]
+                               steady_state=True, attention=attention, **sw).fits(int(a.gpu_memory_gib * GIB))]
         ladder = ladder[fits[0]:] if fits else ladder[-1:]
     t = Trial("longtrain", flavor, seq, error="no switch set tried")
     for sw in ladder:
@@ -305,11 +326,25 @@ def print_table(rows: list[tuple[str, str, Trial | None, list[Trial]]], ratio_ro
         print(line)
 
 
+def _parse_side_start(text: str) -> dict[str, int]:
+    """'hf=32768,hf_liger=262144' -> {side: first length}; a clear error for an unknown side or a bad number."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        side, _, value = item.partition("=")
+        if side not in SIDES or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--side-start {item!r}: expected SIDE=N with SIDE one of {', '.join(SIDES)} "
+                             f"and N a positive token count")
+        out[side] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flavors", default="llama3.2-1b,llama3.2-3b")
     p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--start", type=int, default=16384, help="first length of the search")
+    p.add_argument("--side-start", default="", metavar="SIDE=N,...",
+                   help="first length per side (e.g. hf_liger=262144), where a side's range is known")
     p.add_argument("--max-seq", type=int, default=4 * 1024 * 1024, help="longest length tried")
     p.add_argument("--align", type=int, default=1024, help="lengths are multiples of this")
     p.add_argument("--steps", type=int, default=1, help="timed steps per trial")
@@ -338,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         a.flavor = a.flavors
         print("RESULT " + json.dumps(asdict(run_trial(a))), flush=True)
         return 0
+    side_start = _parse_side_start(a.side_start)
     rows, ratio_rows, every = [], [], []
     for flavor in a.flavors.split(","):
         best_by_side: dict[str, Trial | None] = {}
@@ -352,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"step {_fmt(t.step_s, '.2f')}s peak {_fmt(t.peak_gib, '.2f')} GiB", flush=True)
                 return t
 
-            best, tried = find_max_context(trial, a.start, a.max_seq, a.align)
+            best, tried = find_max_context(trial, side_start.get(side, a.start), a.max_seq, a.align)
             rows.append((flavor, side, best, tried))
             every += tried
             best_by_side[side] = best

@@ -60,6 +60,9 @@ class ModelConfig:
     tokenizer: str | None = None  # "builtin" (the bundled demo tokenizer) or a directory; default: `path`
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
     attention: str = "auto"  # longtrain.kernels.attention backends: auto | reference | sdpa_flash | sdpa_cudnn | flex | flash_attn | fa4
+    # Triton RMSNorm / RoPE / SwiGLU (longtrain.kernels): auto = on with a CUDA GPU and triton, true = always
+    # (fails without them), false = eager torch. Same results up to rounding, faster and less memory.
+    fused_kernels: bool | str = "auto"
     init_seed: int = 0  # seed of the random init of a flavor
     lora: LoraConfig | None = None
 
@@ -81,6 +84,8 @@ class ModelConfig:
             self.tokenizer = "builtin" if self.flavor is not None else self.path
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("attention", self.attention, ATTENTION_BACKENDS)
+        if isinstance(self.fused_kernels, str):
+            _choice("fused_kernels", self.fused_kernels, ("auto",))
 
     def model_args(self) -> ModelArgs:
         """The ModelArgs of a flavor (with overrides), or those in the HF directory's config.json.

@@ -40,7 +40,7 @@ GIB = 1024**3
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
-LOSS_IMPLS = ("torch", "compile")
+LOSS_IMPLS = ("torch", "compile", "auto")  # auto: compile (the plan is of a GPU)
 # Attention backends the plan models (kernels/attention.py names). "auto" picks fa4 or cuDNN for a dense
 # causal sequence depending on the installed packages (kernels/attention_auto.py), which the plan cannot see:
 # it takes the larger of the two workspaces. flex and reference are not modelled (flex adds a BlockMask and
@@ -205,8 +205,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         seq_tile: sequence-tiled blocks (apply_ac seq_tile) with this tile size, or None.
         chunkwise: SeCO chunk size in tokens, or None.
         loss_chunk: tokens per chunk of the linear + cross-entropy; None: full logits.
-        loss_impl: the chunked loss's impl, "torch" (eager: fp32 logits and their softmax exist per chunk) or
-            "compile" (the fp32 copies are fused away).
+        loss_impl: the chunked loss's impl, "torch" (eager: fp32 logits and their softmax exist per chunk),
+            "compile" (the fp32 copies are fused away) or "auto" (compile: what runs on a GPU).
         fused_kernels: the Triton RMSNorm / RoPE / SwiGLU (kernels.apply_fused_kernels) are on.
         optimizer: "adamw" | "sgd"; backend: "fsdp2" | "deepspeed"; zero_stage: 0-3 (deepspeed).
         steady_state: torch AdamW's states exist during the step (every step after the first). False: the
@@ -236,6 +236,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     match loss_impl:
         case "torch" | "compile":
             pass
+        case "auto":  # linear_cross_entropy's default: compile on CUDA, and the plan is of a GPU
+            loss_impl = "compile"
         case _:
             raise ValueError(f"plan_memory: loss_impl {loss_impl!r} is not known; valid: {', '.join(LOSS_IMPLS)}")
     if offload and ac_mode == "selective":
@@ -305,10 +307,10 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     else:
         c = min(loss_chunk, t)
         # One chunk's logits (dtype) and d-logits cast (dtype), plus with the eager impl their fp32 copy
-        # and fp32 softmax; the weight gradient (dtype product, its fp32 copy, the fp32 accumulator); the
-        # stored hidden gradient.
+        # and fp32 softmax; the fp32 weight-gradient accumulator (on the GPU the GEMM adds each chunk into
+        # it: no per-chunk product exists); the stored hidden gradient.
         per_logit = 2 * b + (8 if loss_impl == "torch" else 0)
-        loss = c * a.vocab_size * per_logit + out_params * (b + 4 + 4) + t * p.x
+        loss = c * a.vocab_size * per_logit + out_params * 4 + t * p.x
 
     # ---- the three candidate moments -------------------------------------------------------------------
     layer_now = t * (kept + recomputed + work) + tile_work  # the layer being back-propagated
@@ -417,13 +419,14 @@ def run(args: argparse.Namespace) -> int:
     model_args = recipe.model.model_args()
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     ok = True
-    # What the trainer runs: the recipe's attention backend, its loss chunk (linear_cross_entropy's default,
-    # eager impl), no fused kernels and no sequence-tiled blocks (the trainer applies neither), and the
-    # optimizer states of every step after the first.
+    # What the trainer runs on a GPU: the recipe's attention backend, its loss chunk and impl
+    # (linear_cross_entropy's defaults: compiled on CUDA), the fused kernels unless the recipe turns them off
+    # (model.fused_kernels auto = on with a GPU), no sequence-tiled blocks (the trainer does not apply them),
+    # and the optimizer states of every step after the first.
     # `auto` is planned as the kernel it picks on this machine's GPU; without one, as the larger candidate.
     attention = dense_choice_here(recipe.model.attention, model_args.head_dim)
     common = dict(attention=attention, loss_chunk=auto_chunk_tokens(model_args.vocab_size),
-                  loss_impl="torch", fused_kernels=False, steady_state=True)
+                  loss_impl="auto", fused_kernels=recipe.model.fused_kernels is not False, steady_state=True)
     for i, stage in enumerate(recipe.stages):
         mem = stage.memory
         tokens_per_gpu = stage.seq_len * stage.train.micro_batch // par.cp

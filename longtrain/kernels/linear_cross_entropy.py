@@ -15,8 +15,14 @@ A 128K-token sequence with a 128K vocabulary would need 33 GB of bf16 logits (66
 with 4096-token chunks it needs ~3 GB.
 
 `impl="torch"` is pure eager torch (any device, the oracle target in tests); `impl="compile"` runs the
-same chunk function through `torch.compile` (fuses the softmax/one-hot/cast epilogue on the GPU).
-`linear_cross_entropy_reference` keeps the full fp32 logits: the oracle.
+same chunk epilogue through `torch.compile` (fuses the softmax/one-hot/cast work on the GPU); `impl="auto"`
+(the default) is "compile" on CUDA and "torch" elsewhere. `linear_cross_entropy_reference` keeps the full
+fp32 logits: the oracle.
+
+The weight gradient sums over chunks in fp32. On CUDA each chunk's product is accumulated by the GEMM itself
+(`addmm` with an fp32 output from bf16/fp16 inputs): a separate bf16 product, its fp32 copy and the add
+would move ~5 GB per 2K-token chunk at a 128K vocabulary, as long as the GEMM itself takes (measured in
+docs/benchmarks.md), and round each chunk's sum to bf16 first.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from longtrain.data.batch import IGNORE_INDEX
 
 # Auto chunk: at most this many logits elements per chunk (2**28 fp32 = 1 GiB), a power of two of tokens.
 _MAX_CHUNK_ELEMENTS = 2**28
-IMPLS = ("torch", "compile")
+IMPLS = ("auto", "torch", "compile")
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
@@ -48,9 +54,8 @@ def auto_chunk_tokens(vocab_size: int) -> int:
     return 1 << int(math.floor(math.log2(tokens)))
 
 
-def _chunk_loss_and_grads(h: Tensor, w: Tensor, y: Tensor, need_grad: bool,
-                          ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One chunk: fp32 loss sum, d hidden (h.dtype) and d weight (fp32) for grad_output = 1.
+def _chunk_loss_and_dlogits(h: Tensor, w: Tensor, y: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """One chunk: fp32 loss sum and, if `need_grad`, d loss / d logits (h.dtype) for grad_output = 1.
 
     h (n, dim), w (V, dim), y (n,) int64 with -100 = ignore.
     """
@@ -62,30 +67,38 @@ def _chunk_loss_and_grads(h: Tensor, w: Tensor, y: Tensor, need_grad: bool,
     target = lf.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
     loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
     if not need_grad:
-        return loss, None, None
+        return loss, None
     # d loss / d logits = softmax - onehot(target) on valid rows, 0 on ignored rows.
     dlogits = torch.exp(lf - lse[:, None])  # (n, V) fp32, reuses nothing of `logits`
     dlogits.scatter_add_(1, safe_y[:, None], torch.full_like(target[:, None], -1.0))
     dlogits.mul_(valid[:, None].to(dlogits.dtype))
-    dl = dlogits.to(h.dtype)
-    dh = dl @ w  # (n, dim)
-    dw = (dl.t() @ h).float()  # (V, dim)
-    return loss, dh, dw
+    return loss, dlogits.to(h.dtype)
 
 
 @lru_cache(maxsize=None)
 def _compiled_chunk() -> Callable:
-    return torch.compile(_chunk_loss_and_grads, dynamic=True)
+    return torch.compile(_chunk_loss_and_dlogits, dynamic=True)
 
 
-def _chunk_fn(impl: str) -> Callable:
+def _chunk_fn(impl: str, device: torch.device) -> Callable:
     match impl:
+        case "auto":
+            return _chunk_fn("compile" if device.type == "cuda" else "torch", device)
         case "torch":
-            return _chunk_loss_and_grads
+            return _chunk_loss_and_dlogits
         case "compile":
             return _compiled_chunk()
         case _:
             raise ValueError(f"linear_cross_entropy impl {impl!r} is not known; valid: {', '.join(IMPLS)}")
+
+
+def _accumulate_weight_grad(dw: Tensor, dl: Tensor, h: Tensor) -> None:
+    """dw (V, dim) fp32 += dl.t() @ h, with dl (n, V) and h (n, dim) in the compute dtype."""
+    if dw.is_cuda and dl.dtype in (torch.bfloat16, torch.float16):
+        # One GEMM that reads and writes the fp32 accumulator (cuBLAS beta = 1, fp32 C from bf16 A/B).
+        torch.addmm(dw, dl.t(), h, out_dtype=torch.float32, out=dw)
+    else:
+        dw += (dl.t() @ h).float()
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -94,23 +107,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, impl: str,
                 want_grad: bool) -> Tensor:
-        fn = _chunk_fn(impl)
+        fn = _chunk_fn(impl, hidden.device)
         # Under no_grad (evaluation) skip the gradient work entirely.
         need_h, need_w = want_grad and ctx.needs_input_grad[0], want_grad and ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         n = hidden.shape[0]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        dh_all = torch.zeros_like(hidden) if need_h else None  # (N, dim)
+        # (N, dim), contiguous: every row is written by its chunk's GEMM
+        dh_all = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         dw_all = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, n, chunk_tokens):
             end = min(n, start + chunk_tokens)
             y = labels[start:end]
-            l_c, dh, dw = fn(hidden[start:end], weight, y, need_grad)
+            h = hidden[start:end]
+            l_c, dl = fn(h, weight, y, need_grad)
             loss += l_c
             if dh_all is not None:
-                dh_all[start:end] = dh
+                torch.mm(dl, weight, out=dh_all[start:end])  # (n, dim), written in place
             if dw_all is not None:
-                dw_all += dw
+                _accumulate_weight_grad(dw_all, dl, h)
         ctx.save_for_backward(*(t for t in (dh_all, dw_all) if t is not None))
         ctx.has = (dh_all is not None, dw_all is not None)
         ctx.weight_dtype = weight.dtype
@@ -129,7 +144,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chunk_tokens: int | None = None,
-                         impl: str = "torch") -> Tensor:
+                         impl: str = "auto") -> Tensor:
     """Sum of cross-entropy over labels != -100 (fp32 scalar); 0 (not NaN) and zero gradients when none is valid.
 
     Args:
@@ -137,7 +152,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chun
         weight: (vocab, dim) output projection (the embedding when tied).
         labels: (...) int64 targets, already shifted; -100 = ignore.
         chunk_tokens: tokens per chunk; None picks `auto_chunk_tokens(vocab)` (<= 1 GiB of fp32 logits).
-        impl: "torch" (eager, any device) or "compile" (torch.compile of the chunk function).
+        impl: "torch" (eager, any device), "compile" (torch.compile of the chunk epilogue) or "auto"
+            (compile on CUDA, torch elsewhere).
 
     Returns:
         fp32 scalar: the loss sum over valid tokens, with exact gradients for hidden and weight.
@@ -153,7 +169,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chun
                          f"dims {tuple(hidden.shape[:-1])}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be >= 1 or None, got {chunk_tokens}")
-    _chunk_fn(impl)  # validate the option before any work
+    _chunk_fn(impl, hidden.device)  # validate the option before any work
     h = hidden.reshape(-1, dim)  # (N, dim)
     y = labels.reshape(-1).to(torch.int64)  # (N,)
     vocab = weight.shape[0]

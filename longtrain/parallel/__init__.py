@@ -26,7 +26,8 @@ def apply_compile(model: nn.Module) -> None:
 def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_mode: str = "allgather",
           attention_backend: str = "reference", param_dtype: torch.dtype = torch.float32,
           reduce_dtype: torch.dtype = torch.float32, ac_mode: str = "none", offload_activations: bool = False,
-          tiled_mlp: int | None | bool = False, compile: bool = False, backend: str = "fsdp2",
+          tiled_mlp: int | None | bool = False, fused_kernels: bool = False, compile: bool = False,
+          backend: str = "fsdp2",
           zero_stage: int = 3, cpu_offload: bool = False,
           optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
     """Apply context parallelism, memory tricks, compilation and sharding to `model`, in that order.
@@ -40,6 +41,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         param_dtype, reduce_dtype: FSDP2 compute and gradient-reduction dtypes (DeepSpeed: param_dtype).
         ac_mode: activation checkpointing: none | selective | full; offload_activations: offload them.
         tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling.
+        fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (kernels.apply_fused_kernels;
+            CUDA, or CPU under TRITON_INTERPRET=1).
         compile: torch.compile each block.
         backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
         zero_stage: DeepSpeed ZeRO stage (0-3); cpu_offload: FSDP2 CPU offload / ZeRO-Offload.
@@ -68,7 +71,13 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
     else:
         model.set_attention(local)
 
-    # 2. Tiled MLP: replaces each block's MLP forward; before AC so checkpointing wraps the tiled block.
+    # 2. Fused RMSNorm / RoPE / SwiGLU, then the tiled MLP (it tiles whatever MLP forward is then in place);
+    #    both before AC so checkpointing wraps the final block.
+    if fused_kernels:
+        from longtrain.kernels import apply_fused_kernels
+
+        apply_fused_kernels(model)
+
     if tiled_mlp is not False and tiled_mlp is not None:
         from longtrain.kernels.tiled_mlp import apply_tiled_mlp
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from longtrain.config import MemoryConfig, Recipe, StageConfig
+from longtrain.config_yaml import RecipeError
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
 from longtrain.trainer.distributed import DistInfo
@@ -79,6 +80,20 @@ def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
     return max(s.seq_len for s in recipe.stages) >= 32768
 
 
+def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
+    """model.fused_kernels resolved: auto = on where the Triton kernels run natively (a CUDA GPU, triton)."""
+    from longtrain.kernels.rmsnorm import triton, triton_usable
+
+    setting = recipe.model.fused_kernels
+    if setting is True and not triton_usable(torch.empty(0, device=device)):
+        raise RecipeError(f"{recipe.source}: model.fused_kernels = true, but the Triton kernels cannot run on "
+                          f"{device} here (they need triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU); "
+                          f"use model.fused_kernels=auto (on where they run) or false")
+    if isinstance(setting, bool):
+        return setting
+    return device.type == "cuda" and triton is not None
+
+
 def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
     """The model of the recipe on `info.device`: built, LoRA added, then `longtrain.parallel.apply` (attention
     backend or context-parallel attention, tiled MLP, activation checkpointing, FSDP2) called once.
@@ -113,7 +128,8 @@ def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
     model = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
                            attention_backend=mcfg.attention, param_dtype=dtype, reduce_dtype=torch.float32,
                            ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
-                           tiled_mlp=tiled_mlp_setting(recipe, memory), backend=backend)
+                           tiled_mlp=tiled_mlp_setting(recipe, memory),
+                           fused_kernels=fused_kernels_setting(recipe, info.device), backend=backend)
     return model
 
 

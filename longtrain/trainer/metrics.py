@@ -56,6 +56,11 @@ class MetricsLogger:
                 post["mfu"] = f"{100 * record['mfu']:.1f}%"
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
+        else:  # no bar (batch jobs, logs without a terminal): one line per logged step
+            mfu = f" mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
+            print(f"step {record['step']} [{record['stage_name']}] loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:.0f}{mfu} "
+                  f"mem {record['memory_gib']:.1f} GiB", flush=True)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 

@@ -49,3 +49,13 @@ def test_attention_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["check"] and all(r["ok"] for r in result["check"])
     assert any("ms" in r for r in result["time"])
+
+
+def test_loss_smoke(capsys):
+    bench = _load("loss")
+    assert bench.main(["--smoke"]) == 0
+    lines = [x.split() for x in capsys.readouterr().out.splitlines()[1:]]
+    rows = {x[0]: x for x in lines}
+    assert set(rows) == {"longtrain", "longtrain_sep_dw", "torch_full"}
+    for side in ("longtrain", "longtrain_sep_dw"):  # fp32 on CPU: the chunked kernel matches the reference
+        assert all(float(v) < 1e-5 for v in rows[side][4:7]), rows[side]

@@ -125,3 +125,23 @@ def test_build_recipe_without_file_names_placeholder():
 def test_run_wide_train_keys_cannot_change_per_stage(tmp_path):
     msg = error(tmp_path, BASE, ["stages.1.train.resume=never"])
     assert "`stages[1].train.resume`" in msg and "whole run" in msg
+
+
+def test_fused_kernels_setting(tmp_path):
+    import torch
+
+    from longtrain.trainer.build import fused_kernels_setting
+
+    msg = error(tmp_path, BASE, ["model.fused_kernels=sometimes"])
+    assert "`model.fused_kernels` = 'sometimes'" in msg and "'auto'" in msg
+    cpu = torch.device("cpu")
+    assert fused_kernels_setting(load_recipe(write(tmp_path, BASE)), cpu) is False  # auto: no GPU here
+    assert fused_kernels_setting(load_recipe(write(tmp_path, BASE), ["model.fused_kernels=false"]), cpu) is False
+    from longtrain.kernels.rmsnorm import INTERPRET
+
+    forced = load_recipe(write(tmp_path, BASE), ["model.fused_kernels=true"])
+    if INTERPRET:  # the Triton interpreter runs them on CPU
+        assert fused_kernels_setting(forced, cpu) is True
+    else:
+        with pytest.raises(RecipeError, match="model.fused_kernels = true.*use model.fused_kernels=auto"):
+            fused_kernels_setting(forced, cpu)

@@ -34,12 +34,13 @@ def test_unchunked_logits_by_hand() -> None:
     # 32K tokens x 128256 vocab: bf16 logits + fp32 copy + fp32 softmax gradient = 10 bytes per logit.
     p = plan_memory(ONE_B, 32768, loss_chunk=None)
     assert p.logits == 32768 * ONE_B.vocab_size * 10
-    # Chunked (2048 tokens, eager): one chunk's logits (bf16 + fp32 + fp32 softmax + bf16 cast), the weight
-    # gradient (bf16 product, its fp32 copy, the fp32 accumulator) and the stored bf16 hidden gradient.
+    # Chunked (2048 tokens, eager): one chunk's logits (bf16 + fp32 + fp32 softmax + bf16 cast), the fp32
+    # weight-gradient accumulator (the GEMM adds into it) and the stored bf16 hidden gradient.
     v, d = ONE_B.vocab_size, ONE_B.dim
-    assert plan_memory(ONE_B, 32768).logits == 2048 * v * 12 + v * d * 10 + 32768 * d * 2
-    # Compiled: the fp32 logits and softmax are fused away.
-    assert plan_memory(ONE_B, 32768, loss_impl="compile").logits == 2048 * v * 4 + v * d * 10 + 32768 * d * 2
+    assert plan_memory(ONE_B, 32768).logits == 2048 * v * 12 + v * d * 4 + 32768 * d * 2
+    # Compiled (and auto, the GPU default): the fp32 logits and softmax are fused away.
+    assert plan_memory(ONE_B, 32768, loss_impl="compile").logits == 2048 * v * 4 + v * d * 4 + 32768 * d * 2
+    assert plan_memory(ONE_B, 32768, loss_impl="auto").logits == plan_memory(ONE_B, 32768, loss_impl="compile").logits
 
 
 def test_every_switch_lowers_the_peak() -> None:
