@@ -5,10 +5,12 @@ At the Llama-3.2-1B shapes (dim 2048, vocabulary 128256, bf16), for each token c
 both gradients against an fp32 full-logits reference (at the shortest length; fp32 logits of longer ones
 would not fit). Sides:
 
-    longtrain          kernels.linear_cross_entropy, impl auto (compiled epilogue; on CUDA each chunk's
-                       weight gradient is accumulated into fp32 by the GEMM itself)
-    longtrain_sep_dw   the same with the weight gradient as separate bf16 product + fp32 cast + add (what
-                       the kernel did before 2026-11-27): shows what the in-GEMM accumulation saves
+    longtrain          kernels.linear_cross_entropy, impl auto (on CUDA: the Triton epilogue that overwrites
+                       the logits with their gradient; each chunk's weight gradient accumulated into fp32 by
+                       the GEMM itself)
+    longtrain_compile  impl compile: the torch.compile'd epilogue (fp32 view, separate gradient buffer)
+    longtrain_sep_dw   impl compile with the weight gradient as separate bf16 product + fp32 cast + add
+                       (the kernel before 2026-11-27): what the in-GEMM accumulation saves
     liger              liger_kernel's LigerFusedLinearCrossEntropyFunction (if installed)
     torch_full         F.linear to bf16 logits, F.cross_entropy in fp32 (what a plain model does)
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from longtrain.kernels import linear_cross_entropy as lce  # noqa: E402
 from longtrain.trainer.flops import median_seconds  # noqa: E402
 
-SIDES = ("longtrain", "longtrain_sep_dw", "liger", "torch_full")
+SIDES = ("longtrain", "longtrain_compile", "longtrain_sep_dw", "liger", "torch_full")
 
 
 def _separate_dw(dw: torch.Tensor, dl: torch.Tensor, h: torch.Tensor) -> None:
@@ -41,8 +43,11 @@ def _separate_dw(dw: torch.Tensor, dl: torch.Tensor, h: torch.Tensor) -> None:
 def loss_fn(side: str):
     """(hidden (n, dim), weight (V, dim), labels (n,)) -> summed fp32 loss, for one side."""
     match side:
-        case "longtrain" | "longtrain_sep_dw":
+        case "longtrain":
             return lambda h, w, y: lce.linear_cross_entropy(h, w, y)
+        case "longtrain_compile" | "longtrain_sep_dw":
+            impl = "compile" if torch.cuda.is_available() else "torch"  # CPU smoke: eager
+            return lambda h, w, y: lce.linear_cross_entropy(h, w, y, impl=impl)
         case "liger":
             from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.smoke:
         device, dtype = torch.device("cpu"), torch.float32
-        a.tokens, a.dim, a.vocab, a.iters, a.sides = "96", 32, 500, 2, "longtrain,longtrain_sep_dw,torch_full"
+        a.tokens, a.dim, a.vocab, a.iters, a.sides = "96", 32, 500, 2, "longtrain,longtrain_compile,longtrain_sep_dw,torch_full"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks/loss.py needs a CUDA GPU (or --smoke on CPU)")

@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1, help="timed steps per trial")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per trial (allocator and kernels warm)")
     p.add_argument("--attn", default="auto", help="longtrain attention backend (kernels/attention.py)")
-    p.add_argument("--loss-impl", default="torch", choices=("torch", "compile"))
+    p.add_argument("--loss-impl", default="auto", choices=("auto", "torch", "compile", "triton"),
+                   help="linear_cross_entropy impl (auto: triton on CUDA)")
     p.add_argument("--fused", action="store_true", help="longtrain sides: fused Triton RMSNorm/RoPE/SwiGLU")
     p.add_argument("--lt-switches", default="auto", choices=("auto", "all"),
                    help="auto: cheapest setting predicted to fit, costlier on OOM; all: every switch")

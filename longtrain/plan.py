@@ -40,7 +40,7 @@ GIB = 1024**3
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
-LOSS_IMPLS = ("torch", "compile", "auto")  # auto: compile (the plan is of a GPU)
+LOSS_IMPLS = ("torch", "compile", "triton", "auto")  # auto: triton (the plan is of a GPU)
 # Attention backends the plan models (kernels/attention.py names). "auto" picks fa4 or cuDNN for a dense
 # causal sequence depending on the installed packages (kernels/attention_auto.py), which the plan cannot see:
 # it takes the larger of the two workspaces. flex and reference are not modelled (flex adds a BlockMask and
@@ -206,7 +206,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         chunkwise: SeCO chunk size in tokens, or None.
         loss_chunk: tokens per chunk of the linear + cross-entropy; None: full logits.
         loss_impl: the chunked loss's impl, "torch" (eager: fp32 logits and their softmax exist per chunk),
-            "compile" (the fp32 copies are fused away) or "auto" (compile: what runs on a GPU).
+            "compile" (the fp32 copies are fused away), "triton" (the gradient overwrites the logits) or
+            "auto" (triton: what runs on a GPU).
         fused_kernels: the Triton RMSNorm / RoPE / SwiGLU (kernels.apply_fused_kernels) are on.
         optimizer: "adamw" | "sgd"; backend: "fsdp2" | "deepspeed"; zero_stage: 0-3 (deepspeed).
         steady_state: torch AdamW's states exist during the step (every step after the first). False: the
@@ -234,10 +235,10 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
         case _:
             raise ValueError(f"plan_memory: ac_mode {ac_mode!r} is not known; valid: {', '.join(AC_MODES)}")
     match loss_impl:
-        case "torch" | "compile":
+        case "torch" | "compile" | "triton":
             pass
-        case "auto":  # linear_cross_entropy's default: compile on CUDA, and the plan is of a GPU
-            loss_impl = "compile"
+        case "auto":  # linear_cross_entropy's default: triton on CUDA, and the plan is of a GPU
+            loss_impl = "triton"
         case _:
             raise ValueError(f"plan_memory: loss_impl {loss_impl!r} is not known; valid: {', '.join(LOSS_IMPLS)}")
     if offload and ac_mode == "selective":
@@ -307,9 +308,10 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     else:
         c = min(loss_chunk, t)
         # One chunk's logits (dtype) and d-logits cast (dtype), plus with the eager impl their fp32 copy
-        # and fp32 softmax; the fp32 weight-gradient accumulator (on the GPU the GEMM adds each chunk into
-        # it: no per-chunk product exists); the stored hidden gradient.
-        per_logit = 2 * b + (8 if loss_impl == "torch" else 0)
+        # and fp32 softmax (the Triton epilogue overwrites the logits: one buffer); the fp32 weight-gradient
+        # accumulator (on the GPU the GEMM adds each chunk into it: no per-chunk product exists); the
+        # stored hidden gradient.
+        per_logit = {"torch": 2 * b + 8, "compile": 2 * b, "triton": b}[loss_impl]
         loss = c * a.vocab_size * per_logit + out_params * 4 + t * p.x
 
     # ---- the three candidate moments -------------------------------------------------------------------

@@ -15,9 +15,10 @@ A 128K-token sequence with a 128K vocabulary would need 33 GB of bf16 logits (66
 with 4096-token chunks it needs ~3 GB.
 
 `impl="torch"` is pure eager torch (any device, the oracle target in tests); `impl="compile"` runs the
-same chunk epilogue through `torch.compile` (fuses the softmax/one-hot/cast work on the GPU); `impl="auto"`
-(the default) is "compile" on CUDA and "torch" elsewhere. `linear_cross_entropy_reference` keeps the full
-fp32 logits: the oracle.
+same chunk epilogue through `torch.compile` (fuses the softmax/one-hot/cast work on the GPU);
+`impl="triton"` runs it as one Triton kernel that overwrites the chunk's logits with their gradient
+(kernels/cross_entropy_grad.py: no fp32 copy, no second buffer); `impl="auto"` (the default) is "triton"
+on CUDA and "torch" elsewhere. `linear_cross_entropy_reference` keeps the full fp32 logits: the oracle.
 
 The weight gradient sums over chunks in fp32. On CUDA each chunk's product is accumulated by the GEMM itself
 (`addmm` with an fp32 output from bf16/fp16 inputs): a separate bf16 product, its fp32 copy and the add
@@ -39,7 +40,7 @@ from longtrain.data.batch import IGNORE_INDEX
 
 # Auto chunk: at most this many logits elements per chunk (2**28 fp32 = 1 GiB), a power of two of tokens.
 _MAX_CHUNK_ELEMENTS = 2**28
-IMPLS = ("auto", "torch", "compile")
+IMPLS = ("auto", "torch", "compile", "triton")
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
@@ -80,14 +81,25 @@ def _compiled_chunk() -> Callable:
     return torch.compile(_chunk_loss_and_dlogits, dynamic=True)
 
 
+def _chunk_triton(h: Tensor, w: Tensor, y: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """As _chunk_loss_and_dlogits, through the in-place Triton kernel: the logits buffer becomes d logits."""
+    from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_inplace
+
+    logits = h @ w.t()  # (n, V) in the compute dtype
+    loss = ce_loss_and_grad_inplace(logits, y, IGNORE_INDEX, write_grad=need_grad).sum()
+    return loss, (logits if need_grad else None)
+
+
 def _chunk_fn(impl: str, device: torch.device) -> Callable:
     match impl:
         case "auto":
-            return _chunk_fn("compile" if device.type == "cuda" else "torch", device)
+            return _chunk_fn("triton" if device.type == "cuda" else "torch", device)
         case "torch":
             return _chunk_loss_and_dlogits
         case "compile":
             return _compiled_chunk()
+        case "triton":
+            return _chunk_triton
         case _:
             raise ValueError(f"linear_cross_entropy impl {impl!r} is not known; valid: {', '.join(IMPLS)}")
 
@@ -152,8 +164,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, chun
         weight: (vocab, dim) output projection (the embedding when tied).
         labels: (...) int64 targets, already shifted; -100 = ignore.
         chunk_tokens: tokens per chunk; None picks `auto_chunk_tokens(vocab)` (<= 1 GiB of fp32 logits).
-        impl: "torch" (eager, any device), "compile" (torch.compile of the chunk epilogue) or "auto"
-            (compile on CUDA, torch elsewhere).
+        impl: "torch" (eager, any device), "compile" (torch.compile of the chunk epilogue), "triton" (the
+            in-place Triton epilogue; CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA,
+            torch elsewhere).
 
     Returns:
         fp32 scalar: the loss sum over valid tokens, with exact gradients for hidden and weight.

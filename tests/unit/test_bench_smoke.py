@@ -56,6 +56,6 @@ def test_loss_smoke(capsys):
     assert bench.main(["--smoke"]) == 0
     lines = [x.split() for x in capsys.readouterr().out.splitlines()[1:]]
     rows = {x[0]: x for x in lines}
-    assert set(rows) == {"longtrain", "longtrain_sep_dw", "torch_full"}
-    for side in ("longtrain", "longtrain_sep_dw"):  # fp32 on CPU: the chunked kernel matches the reference
+    assert set(rows) == {"longtrain", "longtrain_compile", "longtrain_sep_dw", "torch_full"}
+    for side in ("longtrain", "longtrain_compile", "longtrain_sep_dw"):  # fp32 on CPU: the chunked kernel matches the reference
         assert all(float(v) < 1e-5 for v in rows[side][4:7]), rows[side]

@@ -26,6 +26,8 @@ if _FRESH:
     os.environ["TRITON_INTERPRET"] = "1"
 from longtrain.kernels import apply_fused_kernels  # noqa: E402
 from longtrain.kernels import rmsnorm as rmsnorm_mod  # noqa: E402
+from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_inplace, ce_loss_and_grad_reference  # noqa: E402
+from longtrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from longtrain.kernels.rmsnorm import rmsnorm, rmsnorm_reference  # noqa: E402
 from longtrain.kernels.rope_apply import rope_apply, rope_apply_reference  # noqa: E402
 from longtrain.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
@@ -51,8 +53,8 @@ def test_kernels_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    # All five checks ran (only this test, which is pointless there, is skipped in the fresh process).
-    assert "5 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]
+    # All eight checks ran (only this test, which is pointless there, is skipped in the fresh process).
+    assert "8 passed, 1 skipped" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +95,46 @@ def test_swiglu():
         torch.testing.assert_close(a, b, **FP32)
     with pytest.raises(ValueError, match="must match"):
         swiglu(gate, up[..., :8])
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_grad_kernel(dtype):
+    g = torch.Generator().manual_seed(0)
+    vocab = 9000  # over one 8192-wide block, not a power of two: two passes with a masked tail
+    logits = (torch.randn(6, vocab, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, vocab, (6,), generator=g)
+    labels[1] = -100  # an ignored row: zero loss, zero gradient
+    labels[4] = vocab - 1  # the last column, inside the masked tail block
+    ref_loss, ref_grad = ce_loss_and_grad_reference(logits, labels)
+    buf = logits.clone()
+    loss = ce_loss_and_grad_inplace(buf, labels)
+    torch.testing.assert_close(loss, ref_loss, **FP32)
+    # bf16: the gradient is rounded once to bf16 on both sides (at most one ulp apart: 2**-8 near 1)
+    tol = FP32 if dtype == torch.float32 else dict(atol=2**-8, rtol=2**-7)
+    torch.testing.assert_close(buf, ref_grad, **tol)
+    assert loss[1] == 0 and not buf[1].any()
+    untouched = logits.clone()
+    torch.testing.assert_close(ce_loss_and_grad_inplace(untouched, labels, write_grad=False), ref_loss, **FP32)
+    assert torch.equal(untouched, logits)  # loss only: the logits stay
+    with pytest.raises(ValueError, match="labels must be"):
+        ce_loss_and_grad_inplace(logits.clone(), labels[:3])
+
+
+@interpreted
+def test_linear_cross_entropy_triton_impl_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 19, 24, generator=g, requires_grad=True)
+    w = torch.randn(300, 24, generator=g, requires_grad=True)
+    y = torch.randint(0, 300, (2, 19), generator=g)
+    y[0, :5] = -100
+    loss = linear_cross_entropy(h, w, y, chunk_tokens=7, impl="triton")  # ragged last chunk
+    gh, gw = torch.autograd.grad(loss * 0.37, (h, w))
+    ref = linear_cross_entropy_reference(h.reshape(-1, 24), w, y.reshape(-1))
+    rh, rw = torch.autograd.grad(ref * 0.37, (h, w))
+    torch.testing.assert_close(loss, ref, **FP32)
+    torch.testing.assert_close(gh, rh, **FP32)
+    torch.testing.assert_close(gw, rw, **FP32)
 
 
 @interpreted
