@@ -7,8 +7,8 @@
 #   a2, carry [".whl2"]:               bash benchmarks/device/h100_session_c.sh throughput
 #       benchmarks/throughput.py, all sides, 8K / 32K / 128K / 32K docs
 #   a3:                                bash benchmarks/device/h100_session_c.sh max3b   (then `wait` calls)
-#       `longtrain train` at 32K; profile (8K, 32K); then the 3B shape's max context, every side, one
-#       process per trial, in the background
+#       `longtrain train` at 32K; profile (8K, 32K); then the peers' max context (transformers, + Liger) for
+#       both shapes, one process per trial, in the background
 #   b1, carry [".whl1"]:               bash .whl1/unpack.sh
 #   b2, carry [".whl2", ".whl-liger"]: bash benchmarks/device/h100_session_c.sh max1b   (then `wait` calls)
 set -u
@@ -27,9 +27,9 @@ poll() {  # poll SECONDS: until the background search ends or the time is up, th
   grep -v -i warn /tmp/mc.log | tail -24; cp /tmp/mc.json /tmp/mc.log "$OUT/" 2>/dev/null
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 }
-start_max() {  # start_max FLAVOR SIDE_STARTS MAX_SEQ: every side, fresh process per trial, in the background
-  setsid nohup python benchmarks/max_context.py --flavors "$1" --sides hf,hf_liger,longtrain --side-start "$2" \
-    --max-seq "$3" --warmup 0 --steps 1 --fused --lt-switches all --attn auto --timeout 1500 \
+start_max() {  # start_max FLAVORS SIDES SIDE_STARTS MAX_SEQ: fresh process per trial, in the background
+  setsid nohup python benchmarks/max_context.py --flavors "$1" --sides "$2" --side-start "$3" --max-seq "$4" \
+    --warmup 0 --steps 1 --fused --lt-switches all --attn auto --timeout 1500 \
     --json /tmp/mc.json > /tmp/mc.log 2>&1 < /dev/null &
   sleep 5
 }
@@ -49,15 +49,16 @@ throughput)
 max3b)
   fa4_env
   echo "== longtrain train recipes/gpu-throughput-1b.yaml (32K tokens per step)"
-  timeout 120 python -m longtrain train recipes/gpu-throughput-1b.yaml run_dir=/tmp/tp 2>&1 | grep -E "^step|done|rror" | tail -14
+  timeout 120 python -m longtrain train recipes/gpu-throughput-1b.yaml run_dir=/tmp/tp stages.0.steps=6 2>&1 \
+    | grep -E "^step|done|rror" | tail -8
   timeout 150 python benchmarks/throughput.py --sides longtrain --lengths 8192,32768 --docs-lengths "" --steps 2 \
     --warmup 1 --profile 2>&1 | grep -E "^profile|^longtrain" | tail -6
-  start_max llama3.2-3b hf=16384,hf_liger=131072,longtrain=524288 524288
-  poll 250
+  start_max llama3.2-1b,llama3.2-3b hf,hf_liger hf=16384,hf_liger=131072 524288
+  poll 330
   ;;
-max1b)
+max1b)  # longtrain's own points (1B 1M, 3B 512K) in the same search: ~20 minutes of one GPU
   bash .whl2/unpack.sh && liger && fa4_env || exit 1
-  start_max llama3.2-1b hf=32768,hf_liger=262144,longtrain=1048576 1048576
+  start_max llama3.2-1b,llama3.2-3b longtrain longtrain=524288 1048576
   poll 570
   ;;
 wait) fa4_env; poll 585 ;;
