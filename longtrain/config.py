@@ -241,6 +241,7 @@ class LoggingConfig:
     every_steps: int = 1
     progress_bar: bool = True
     plot: bool = True  # loss.png at the end of the run
+    mfu_ceiling: bool = True  # on a GPU: measure and log each stage's MFU ceiling at its start (seconds)
     wandb: WandbConfig | None = None
 
     def __post_init__(self):

@@ -243,3 +243,23 @@ def measure_attention_flops(attn_fn: Callable, args: ModelArgs, seq_len: int, de
     sec = median_seconds(step, device, iters, warmup)
     pairs = attention_context(seq_len, doc_lens, True, args.sliding_window) * seq_len
     return 12.0 * args.n_heads * args.head_dim * pairs / sec
+
+
+def measure_ceiling(args: ModelArgs, seq_len: int, attn_fn: Callable, device: torch.device | str,
+                    dtype: torch.dtype, peak_flops: float | None = None) -> tuple[float, float, float] | None:
+    """(ceiling MFU, matmul FLOP/s, attention FLOP/s) for a causal sequence of `seq_len`, measured here.
+
+    The rates are measured at bounded sizes, so that the measurement takes seconds and little memory whatever
+    the stage's length: the matmuls at min(seq_len, 8192) rows (cuBLAS is at its speed there), attention at
+    min(seq_len, 32768) tokens (flash kernels' rate is flat beyond: 469 vs 462 TFLOP/s at 32K / 128K on the
+    H100, docs/benchmarks.md); the ceiling is then computed for the full length.
+
+    Returns:
+        None where the device's peak is unknown (CPU, a GPU not in the table) and `peak_flops` is not given.
+    """
+    peak = peak_flops if peak_flops is not None else device_peak_flops(device)
+    if peak is None:
+        return None
+    mm = measure_matmul_flops(args, min(seq_len, 8192), device, dtype)
+    attn = measure_attention_flops(attn_fn, args, min(seq_len, 32768), device, dtype)
+    return ceiling_mfu(args, seq_len, mm, attn, peak), mm, attn

@@ -19,6 +19,12 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _of_ceiling(record: dict[str, Any]) -> str:
+    """' (88% of ceiling)' when the stage's MFU ceiling was measured, else ''."""
+    ceiling = record.get("mfu_ceiling")
+    return f" ({100 * record['mfu'] / ceiling:.0f}% of ceiling)" if ceiling else ""
+
+
 class MetricsLogger:
     """Writes what `log` receives; every method is a no-op on ranks other than 0."""
 
@@ -53,11 +59,11 @@ class MetricsLogger:
             post = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}",
                     "mem": f"{record['memory_gib']:.1f}G"}
             if record.get("mfu") is not None:
-                post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                post["mfu"] = f"{100 * record['mfu']:.1f}%" + _of_ceiling(record)
             self.bar.set_postfix(post, refresh=False)
             self.bar.refresh()
         else:  # no bar (batch jobs, logs without a terminal): one line per logged step
-            mfu = f" mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
+            mfu = f" mfu {100 * record['mfu']:.1f}%{_of_ceiling(record)}" if record.get("mfu") is not None else ""
             print(f"step {record['step']} [{record['stage_name']}] loss {record['loss']:.4f} lr {record['lr']:.2e} "
                   f"grad_norm {record['grad_norm']:.3f} tok/s {record['tokens_per_s']:.0f}{mfu} "
                   f"mem {record['memory_gib']:.1f} GiB", flush=True)

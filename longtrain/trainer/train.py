@@ -237,6 +237,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 stage_step = start_stage_step
             n_micro = micro_batches_per_step(stage, layout.dp_size)
             fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
+            ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger) if peak is not None else None
             while stage_step < stage.steps:
                 t0 = time.perf_counter()
                 batches = [source.next_batch() for _ in range(n_micro)]
@@ -272,7 +273,8 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                         mfu = mfu_fn(tps / info.world_size, fpt, peak)
                     logger.log({"step": step, "stage": si, "stage_name": stage.name, "loss": stats.loss,
                                 "lr": lr, "grad_norm": stats.grad_norm, "valid_tokens": stats.valid_tokens,
-                                "tokens_per_s": tps, "mfu": mfu, "memory_gib": memory_gib(info.device),
+                                "tokens_per_s": tps, "mfu": mfu, "mfu_ceiling": ceiling,
+                                "memory_gib": memory_gib(info.device),
                                 "skipped": stats.skipped, "bad_steps": bad_steps})
                 done_stage = stage_step == stage.steps
                 next_stage, next_step = (si + 1, 0) if done_stage else (si, stage_step)
@@ -304,6 +306,28 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
             source.close()  # stop the prefetch thread (also when a TrainingError ends the run)
         preempt.uninstall()
         logger.close()
+
+
+def _stage_ceiling(recipe: Recipe, model, stage: StageConfig, layout, info: DistInfo, logger) -> float | None:
+    """The MFU ceiling this GPU allows for the stage's shape (measured matmul and attention rates), logged once.
+
+    None when switched off (logging.mfu_ceiling), on CPU, or with context parallelism (the per-GPU ceiling
+    would have to model the K/V exchange too).
+    """
+    if not recipe.logging.mfu_ceiling or info.device.type != "cuda" or layout.cp_size > 1:
+        return None
+    from longtrain.trainer import flops
+
+    attn_fn = model.layers[0].self_attn.attn_fn
+    dtype = build.resolve_dtype(recipe.model.dtype, info.device)
+    measured = flops.measure_ceiling(model.args, stage.seq_len, attn_fn, info.device, dtype)
+    if measured is None:
+        return None
+    ceiling, mm, attn = measured
+    logger.write(f"stage {stage.name}: MFU ceiling on this GPU {100 * ceiling:.1f}% at {stage.seq_len:,} tokens "
+                 f"(measured: projection matmuls {mm / 1e12:.0f} TFLOP/s, attention fwd+bwd {attn / 1e12:.0f} "
+                 f"TFLOP/s; norms, loss and optimizer counted as free)")
+    return ceiling
 
 
 def _throughput_model(args, seq_len: int, device: torch.device) -> tuple[float | None, float | None]:

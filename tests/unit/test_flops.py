@@ -73,3 +73,24 @@ def test_ceiling():
         ceiling_mfu(args, 8192, 0.0, 1.0, 1.0)
     rate = measure_matmul_flops(model_flavor("debug"), 64, "cpu", torch.float32, iters=2, warmup=1)
     assert rate > 0
+
+
+def test_measure_ceiling_and_the_logged_share(tmp_path, capsys):
+    from longtrain.config import LoggingConfig
+    from longtrain.kernels.attention import attention_reference
+    from longtrain.trainer.flops import measure_ceiling
+    from longtrain.trainer.metrics import MetricsLogger
+
+    args = model_flavor("debug")
+    assert measure_ceiling(args, 64, attention_reference, "cpu", torch.float32) is None  # no CPU peak
+    peak = 1e15
+    ceiling, mm, attn = measure_ceiling(args, 64, attention_reference, "cpu", torch.float32, peak_flops=peak)
+    assert mm > 0 and attn > 0
+    assert ceiling == pytest.approx(ceiling_mfu(args, 64, mm, attn, peak))
+    log = MetricsLogger(tmp_path, LoggingConfig(progress_bar=False, plot=False), "t", {}, 1, 0, True)
+    record = {"step": 1, "stage_name": "s", "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0,
+              "mfu": 0.44, "mfu_ceiling": 0.5, "memory_gib": 1.0}
+    log.log(record)
+    log.log(record | {"mfu_ceiling": None})
+    lines = capsys.readouterr().out.splitlines()
+    assert "mfu 44.0% (88% of ceiling)" in lines[0] and "ceiling" not in lines[1]
