@@ -35,7 +35,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from longtrain.kernels.attention import AttnMask, get_attention_backend
+from longtrain.kernels.attention_backends import concrete_backend
+from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import classify
 
 # Which of the two torch fused kernels is faster for dense causal bf16 on the GPU measured (see table):
@@ -102,5 +103,5 @@ def attention_auto(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float
     """Dispatch to `choose_backend(q, k, mask)` (cached per mask and shape)."""
     key = ("auto", q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
     if key not in mask.cache:
-        mask.cache[key] = get_attention_backend(choose_backend(q, k, mask))
+        mask.cache[key] = concrete_backend(choose_backend(q, k, mask))
     return mask.cache[key](q, k, v, mask, scale)

@@ -17,7 +17,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from longtrain.kernels.attention import AttnMask
+from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import classify
 from longtrain.kernels.attention_sdpa import _check_inputs, _empty
 

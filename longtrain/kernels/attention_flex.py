@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from longtrain.kernels.attention import ANCHOR_DOC, AttnMask
+from longtrain.kernels.attention_base import ANCHOR_DOC, AttnMask
 
 try:  # torch >= 2.9: return_lse is deprecated in favour of return_aux
     from torch.nn.attention.flex_attention import AuxRequest

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longtrain.kernels.attention import ANCHOR_DOC, AttnMask
+from longtrain.kernels.attention_base import ANCHOR_DOC, AttnMask
 
 
 @dataclass(frozen=True)

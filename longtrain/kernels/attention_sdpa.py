@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longtrain.kernels.attention import AttnMask
+from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import Layout, classify
 
 # cuDNN takes fewer K/V heads than Q heads (GQA) natively: checked on an H100 with torch 2.11 / cu130,
