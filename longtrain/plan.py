@@ -422,9 +422,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     ok = True
     # What the trainer runs on a GPU: the recipe's attention backend, its loss chunk and impl
-    # (linear_cross_entropy's defaults: compiled on CUDA), the fused kernels unless the recipe turns them off
-    # (model.fused_kernels auto = on with a GPU), no sequence-tiled blocks (the trainer does not apply them),
-    # and the optimizer states of every step after the first.
+    # (linear_cross_entropy's defaults: the Triton epilogue on CUDA), the fused kernels unless the recipe
+    # turns them off (model.fused_kernels auto = on with a GPU), no sequence-tiled blocks (the trainer does
+    # not apply them), and the optimizer states of every step after the first.
     # `auto` is planned as the kernel it picks on this machine's GPU; without one, as the larger candidate.
     attention = dense_choice_here(recipe.model.attention, model_args.head_dim)
     common = dict(attention=attention, loss_chunk=auto_chunk_tokens(model_args.vocab_size),

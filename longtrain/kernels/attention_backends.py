@@ -37,5 +37,3 @@ def concrete_backend(name: str) -> AttentionFn:
             return attention_fa4
         case _:
             raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(CONCRETE_BACKENDS)}")
-
-

@@ -21,14 +21,20 @@ if triton is not None:
     import triton.language as tl
 
 
-def ce_loss_and_grad_reference(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Pure torch: (fp32 loss per row (n,), d loss / d logits (n, V) in the logits' dtype)."""
+def ce_loss_and_grad_reference(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                               need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Pure torch: (fp32 loss per row (n,), d loss / d logits (n, V) in the logits' dtype, or None).
+
+    The oracle of the kernel, and the epilogue linear_cross_entropy's eager and compiled impls run.
+    """
     lf = logits.float()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(lf, dim=-1)
     loss = torch.where(valid, lse - lf.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse))
-    grad = torch.exp(lf - lse[:, None])
+    if not need_grad:
+        return loss, None
+    grad = torch.exp(lf - lse[:, None])  # softmax - onehot(label) on valid rows, 0 on ignored rows
     grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
     return loss, (grad * valid[:, None]).to(logits.dtype)
 

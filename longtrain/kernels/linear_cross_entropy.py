@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longtrain.data.batch import IGNORE_INDEX
+from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_reference
 
 # Auto chunk: at most this many logits elements per chunk (2**28 fp32 = 1 GiB), a power of two of tokens.
 _MAX_CHUNK_ELEMENTS = 2**28
@@ -61,19 +62,8 @@ def _chunk_loss_and_dlogits(h: Tensor, w: Tensor, y: Tensor, need_grad: bool) ->
     h (n, dim), w (V, dim), y (n,) int64 with -100 = ignore.
     """
     logits = h @ w.t()  # (n, V) in the compute dtype: the only copy of this chunk's logits in that dtype
-    lf = logits.float()
-    valid = y != IGNORE_INDEX  # (n,)
-    safe_y = torch.where(valid, y, torch.zeros_like(y))
-    lse = torch.logsumexp(lf, dim=-1)  # (n,) fp32
-    target = lf.gather(1, safe_y[:, None]).squeeze(1)  # (n,)
-    loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
-    if not need_grad:
-        return loss, None
-    # d loss / d logits = softmax - onehot(target) on valid rows, 0 on ignored rows.
-    dlogits = torch.exp(lf - lse[:, None])  # (n, V) fp32, reuses nothing of `logits`
-    dlogits.scatter_add_(1, safe_y[:, None], torch.full_like(target[:, None], -1.0))
-    dlogits.mul_(valid[:, None].to(dlogits.dtype))
-    return loss, dlogits.to(h.dtype)
+    loss, dlogits = ce_loss_and_grad_reference(logits, y, IGNORE_INDEX, need_grad)
+    return loss.sum(), dlogits
 
 
 @lru_cache(maxsize=None)
@@ -83,7 +73,7 @@ def _compiled_chunk() -> Callable:
 
 def _chunk_triton(h: Tensor, w: Tensor, y: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """As _chunk_loss_and_dlogits, through the in-place Triton kernel: the logits buffer becomes d logits."""
-    from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_inplace
+    from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_inplace  # needs triton: on use
 
     logits = h @ w.t()  # (n, V) in the compute dtype
     loss = ce_loss_and_grad_inplace(logits, y, IGNORE_INDEX, write_grad=need_grad).sum()

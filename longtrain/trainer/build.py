@@ -82,16 +82,16 @@ def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
 
 def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
     """model.fused_kernels resolved: auto = on where the Triton kernels run natively (a CUDA GPU, triton)."""
-    from longtrain.kernels.rmsnorm import triton, triton_usable
+    from longtrain.kernels.rmsnorm import triton_usable
 
-    setting = recipe.model.fused_kernels
-    if setting is True and not triton_usable(torch.empty(0, device=device)):
+    setting, usable = recipe.model.fused_kernels, triton_usable(torch.empty(0, device=device))
+    if setting is True and not usable:
         raise RecipeError(f"{recipe.source}: model.fused_kernels = true, but the Triton kernels cannot run on "
                           f"{device} here (they need triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU); "
                           f"use model.fused_kernels=auto (on where they run) or false")
     if isinstance(setting, bool):
         return setting
-    return device.type == "cuda" and triton is not None
+    return device.type == "cuda" and usable  # auto: not in the CPU interpreter, which is for tests
 
 
 def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:

@@ -237,7 +237,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 stage_step = start_stage_step
             n_micro = micro_batches_per_step(stage, layout.dp_size)
             fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
-            ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger) if peak is not None else None
+            ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger)
             while stage_step < stage.steps:
                 t0 = time.perf_counter()
                 batches = [source.next_batch() for _ in range(n_micro)]
