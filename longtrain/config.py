@@ -159,9 +159,19 @@ class MemoryConfig:
     offload_activations: bool = False
     tiled_mlp: bool | str = "auto"  # auto | true | false
     chunkwise: ChunkwiseConfig | None = None
+    # Parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy, also in one process;
+    # DeepSpeed ZeRO-3 offload_param, which needs offload_optimizer too).
+    offload_params: bool = False
+    # Optimizer states on the host: DeepSpeed ZeRO-Offload (fp32 master + states, stepped by the CPU Adam).
+    # FSDP2 offloads them only together with the parameters (offload_params).
+    offload_optimizer: bool = False
+    # Storage dtype of sharded parameters, their gradients and AdamW states (FSDP2): auto = float32 whenever
+    # FSDP2 shards or offloads, else model.dtype. bfloat16 halves the host RAM of offload_params.
+    master_dtype: str = "auto"
 
     def __post_init__(self):
         _choice("activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
+        _choice("master_dtype", self.master_dtype, ("auto", "float32", "bfloat16"))
         if isinstance(self.tiled_mlp, str):
             _choice("tiled_mlp", self.tiled_mlp, ("auto",))
 
@@ -320,10 +330,6 @@ STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a sta
 RUN_WIDE_TRAIN_KEYS = ("resume", "seed", "stop_after_steps")  # train keys a stage may not change
 
 
-STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a stage inherits and may override
-RUN_WIDE_TRAIN_KEYS = ("resume", "seed", "stop_after_steps")  # train keys a stage may not change
-
-
 def _check_layout(recipe: Recipe, file: str) -> None:
     """Combinations only visible across sections: sequence length vs context parallelism, Ulysses vs heads."""
     par, margs = recipe.parallel, recipe.model.model_args() if recipe.model.flavor else None
@@ -340,6 +346,7 @@ def _check_layout(recipe: Recipe, file: str) -> None:
             raise RecipeError(f"{file}: `stages[{i}].train.global_batch_tokens` = {st.train.global_batch_tokens} "
                               f"is invalid: it must be a multiple of seq_len * micro_batch = {per_step} "
                               f"(or 0 for one micro-batch per data-parallel rank).")
+    _check_offload(recipe, file)
     heads_deg = par.cp if par.cp_mode == "ulysses" else par.ulysses if par.cp_mode.startswith("hybrid") else 1
     if heads_deg > 1 and margs is None and recipe.model.path and (Path(recipe.model.path) / "config.json").exists():
         margs = recipe.model.model_args()
@@ -348,6 +355,26 @@ def _check_layout(recipe: Recipe, file: str) -> None:
         raise RecipeError(f"{file}: `{key}` = {heads_deg} is invalid: Ulysses shards attention heads, and the "
                           f"model's {margs.n_heads} query heads are not divisible by {heads_deg}; use a degree that "
                           f"divides {margs.n_heads} (or cp_mode ring / allgather).")
+
+
+def _check_offload(recipe: Recipe, file: str) -> None:
+    """Offload switches the sharding engine can honour (a silent no-op would cost a night's run)."""
+    par = recipe.parallel
+    for i, st in enumerate(recipe.stages):
+        mem, where = st.memory, f"stages[{i}].memory" if len(recipe.stages) > 1 else "memory"
+        if par.backend == "fsdp2" and mem.offload_optimizer and not mem.offload_params:
+            raise RecipeError(f"{file}: `{where}.offload_optimizer` = true is invalid with parallel.backend fsdp2: "
+                              f"FSDP2 offloads optimizer states only together with the parameters and gradients "
+                              f"(CPUOffloadPolicy). Set memory.offload_params: true (all three on the host), or "
+                              f"parallel.backend: deepspeed for optimizer-only offload (ZeRO-Offload).")
+        if par.backend == "deepspeed" and mem.offload_params and (par.zero_stage != 3 or not mem.offload_optimizer):
+            raise RecipeError(f"{file}: `{where}.offload_params` = true is invalid with parallel.backend deepspeed, "
+                              f"zero_stage {par.zero_stage}, offload_optimizer {mem.offload_optimizer}: DeepSpeed "
+                              f"offloads parameters only at zero_stage 3 and together with the optimizer states; "
+                              f"set parallel.zero_stage: 3 and memory.offload_optimizer: true.")
+        if mem.master_dtype != "auto" and par.backend == "deepspeed":
+            raise RecipeError(f"{file}: `{where}.master_dtype` = {mem.master_dtype!r} is invalid with parallel.backend "
+                              f"deepspeed: DeepSpeed always keeps fp32 master weights and states; leave it at auto.")
 
 
 def build_recipe(raw: dict, overrides: list[str] | None = None, file: str = "<recipe>") -> Recipe:

@@ -61,19 +61,27 @@ class MemoryPlan:
     activations: int
     logits: int  # the loss working set (only at the end of the forward)
     buffers: int  # FSDP all-gathers, RoPE cos/sin, context-parallel communication
-    host_offload: int  # host RAM for offloaded activations (not part of `total`)
+    host_offload: int  # host RAM for offloaded activations, per GPU (not part of `total`)
     tokens_per_gpu: int
-    tokens_per_step: int  # seq_len * micro_batch * data-parallel ranks
+    tokens_per_step: int  # seq_len * micro_batch * data-parallel ranks (cp ranks share a sequence)
     peak_at: str = ""  # which moment of the step is the peak
+    host_states: int = 0  # host RAM, per GPU, for offloaded parameters, gradients and optimizer states
+
+    @property
+    def host_total(self) -> int:
+        """Host RAM this GPU's process needs for what is offloaded (states and activations)."""
+        return self.host_offload + self.host_states
 
     @property
     def total(self) -> int:
         """Predicted torch.cuda.max_memory_allocated of the step."""
         return self.params + self.grads + self.optimizer + self.activations + self.logits + self.buffers
 
-    def fits(self, gpu_bytes: int) -> bool:
-        """The peak plus the runtime overhead (CUDA context, fragmentation) fits `gpu_bytes`."""
-        return self.total + RUNTIME_OVERHEAD_BYTES <= gpu_bytes
+    def fits(self, gpu_bytes: int, host_bytes: int | None = None) -> bool:
+        """The peak plus the runtime overhead (CUDA context, fragmentation) fits `gpu_bytes`, and what is
+        offloaded fits `host_bytes` (host RAM per GPU; None: not checked)."""
+        return self.total + RUNTIME_OVERHEAD_BYTES <= gpu_bytes and (host_bytes is None or
+                                                                    self.host_total <= host_bytes)
 
     def gib(self) -> dict[str, float]:
         """Every byte field in GiB (rounded to 0.01), plus total."""
@@ -190,7 +198,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None,
                 loss_chunk: int | None = DEFAULT_LOSS_CHUNK, loss_impl: str = "torch", fused_kernels: bool = False,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
-                steady_state: bool = True, attention: str = "auto") -> MemoryPlan:
+                steady_state: bool = True, attention: str = "auto", offload_params: bool = False,
+                offload_optimizer: bool = False, master_dtype: str | None = None) -> MemoryPlan:
     """Predict per-GPU peak memory of one training step.
 
     Args:
@@ -215,6 +224,13 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             warm-up step measures that).
         attention: the attention backend (ATTENTION_BACKENDS; model.attention of a recipe, default "auto"):
             sets the backward workspace.
+        offload_params: parameters, gradients and optimizer states live on the host (FSDP2 CPUOffloadPolicy;
+            DeepSpeed ZeRO-3 offload_param, which needs offload_optimizer too). The GPU holds the layer being
+            computed and the next one, gathered in the compute dtype, and the root's embedding/output/norm.
+        offload_optimizer: optimizer states (DeepSpeed: fp32 master weights and states, and the fp32
+            gradients they are stepped with) on the host. FSDP2 offloads states only with the parameters.
+        master_dtype: storage dtype of sharded parameters, gradients and optimizer states (FSDP2). None: what
+            the trainer does (float32 whenever FSDP2 shards or offloads, else `dtype`).
 
     Returns:
         The MemoryPlan at the peak moment.
@@ -260,23 +276,50 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             raise ValueError(f"plan_memory: optimizer {optimizer!r} is not known; valid: adamw, sgd")
     layer_params = n_params // max(1, a.n_layers)
     out_params = a.vocab_size * a.dim  # output projection (the embedding when tied): its gradient comes first
+    root_params = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2) + a.dim  # embedding, output, final norm
+    # FSDP2 shards over the flattened dp_shard x cp mesh, and ZeRO partitions over its data-parallel group,
+    # which is every rank of a replica (dp_shard x cp): cp ranks hold different tokens of the same sequences
+    # but share the parameters (PITFALLS.md "Planning memory at scale").
+    shard = dp_shard * cp
+    host_states = 0
     match backend:
         case "fsdp2":
-            # torch AdamW keeps its states in the parameter dtype, created at the first opt.step();
-            # FSDP2 shards params, grads and states.
-            params = n_params * b // dp_shard
-            grads = n_params * b // dp_shard
-            grad_out = out_params * b // dp_shard
-            opt = states * n_params * b // dp_shard if steady_state else 0
-            gather = 2 * layer_params * b if dp_shard > 1 else 0  # current + prefetched layer
+            if offload_optimizer and not offload_params:
+                raise ValueError("plan_memory: FSDP2 offloads optimizer states only together with the parameters "
+                                 "(CPUOffloadPolicy): set offload_params too, or use backend deepspeed")
+            sharded = shard > 1 or offload_params  # one process without offload runs unwrapped
+            store = DTYPE_BYTES[master_dtype or ("float32" if sharded else dtype)]
+            # torch AdamW keeps its states in the parameter (storage) dtype, created at the first opt.step();
+            # FSDP2 shards params, grads and states. Gathered: the current and the prefetched block in the
+            # compute dtype, and the root module's parameters (unsharded from its forward to its backward).
+            params = n_params * store // shard
+            grads = n_params * store // shard
+            grad_out = out_params * store // shard
+            opt = states * n_params * store // shard if steady_state else 0
+            gather = 2 * layer_params * b + root_params * b if sharded else 0
+            if offload_params:  # everything sharded lives on the host; the GPU keeps only what is gathered
+                host_states = params + grads + states * n_params * store // shard
+                params = grads = grad_out = opt = 0
         case "deepspeed":
-            # DeepSpeed bf16: fp32 master weights + fp32 states, partitioned from stage 1, built at init.
-            shard = dp_shard
+            if offload_params and (zero_stage != 3 or not offload_optimizer):
+                raise ValueError("plan_memory: DeepSpeed offloads parameters at zero_stage 3 only, with "
+                                 "offload_optimizer")
+            # Compute-dtype params (partitioned at stage 3) and grads (partitioned from stage 2); with a 16-bit
+            # dtype, fp32 master weights + fp32 states partitioned from stage 1, built at initialisation.
+            master = 4 if b < 4 else 0
             params = n_params * b // (shard if zero_stage >= 3 else 1)
             grads = n_params * b // (shard if zero_stage >= 2 else 1)
             grad_out = out_params * b // (shard if zero_stage >= 2 else 1)
-            opt = (4 + 4 * states) * n_params // (shard if zero_stage >= 1 else 1)
+            opt = (master + 4 * states) * n_params // (shard if zero_stage >= 1 else 1)
             gather = 2 * layer_params * b if zero_stage >= 3 and shard > 1 else 0
+            if offload_optimizer:
+                # ZeRO-Offload: master + states on the host, and an fp32 copy of the gradient partition
+                # there for the CPU Adam step.
+                host_states = opt + 4 * n_params // (shard if zero_stage >= 1 else 1)
+                opt = 0
+            if offload_params:
+                host_states += params
+                params, gather = 0, 2 * layer_params * b + root_params * b
         case _:
             raise ValueError(f"plan_memory: backend {backend!r} is not known; valid: fsdp2, deepspeed")
 
@@ -341,7 +384,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     buffers = gather + rope + comm
     return MemoryPlan(params=params, grads=grads_now, optimizer=opt, activations=acts, logits=logits,
                       buffers=buffers, host_offload=host, tokens_per_gpu=tokens,
-                      tokens_per_step=seq_len * micro_batch * dp_shard * dp_replicate // cp, peak_at=peak_at)
+                      tokens_per_step=seq_len * micro_batch * dp_shard * dp_replicate, peak_at=peak_at,
+                      host_states=host_states)
 
 
 # Memory switches from cheapest (in step time) to costliest; each entry: (label, overrides).

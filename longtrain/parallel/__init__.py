@@ -28,7 +28,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
           reduce_dtype: torch.dtype = torch.float32, ac_mode: str = "none", offload_activations: bool = False,
           tiled_mlp: int | None | bool = False, fused_kernels: bool = False, compile: bool = False,
           backend: str = "fsdp2",
-          zero_stage: int = 3, cpu_offload: bool = False,
+          zero_stage: int = 3, offload_params: bool = False, offload_optimizer: bool = False,
+          grad_clip: float = 0.0, sharded_one_process: bool = False,
           optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
     """Apply context parallelism, memory tricks, compilation and sharding to `model`, in that order.
 
@@ -45,7 +46,13 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
             CUDA, or CPU under TRITON_INTERPRET=1).
         compile: torch.compile each block.
         backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
-        zero_stage: DeepSpeed ZeRO stage (0-3); cpu_offload: FSDP2 CPU offload / ZeRO-Offload.
+        zero_stage: DeepSpeed ZeRO stage (0-3).
+        offload_params: parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy;
+            DeepSpeed ZeRO-3 offload_param). offload_optimizer: DeepSpeed ZeRO-Offload of the optimizer states
+            (FSDP2 offloads them with the parameters only).
+        grad_clip: DeepSpeed only: the clipping norm its step applies.
+        sharded_one_process: shard (wrap) even when the world size is 1: FSDP2 offload or DeepSpeed in one
+            process (the caller started a one-rank process group).
         optimizer_factory: DeepSpeed only: builds the optimizer from the parameters (the engine owns it).
 
     Returns:
@@ -97,17 +104,20 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
     # 5. Sharding last: it needs the final module structure.
     match backend:
         case "fsdp2":
-            if dims.world_size == 1:
+            if offload_optimizer and not offload_params:
+                raise ValueError("FSDP2 offloads optimizer states only together with the parameters "
+                                 "(offload_params=True); for optimizer-only offload use backend deepspeed")
+            if dims.world_size == 1 and not sharded_one_process:
                 return model
             from longtrain.parallel.fsdp import apply_fsdp
 
-            return apply_fsdp(model, mesh, param_dtype, reduce_dtype, cpu_offload=cpu_offload)
+            return apply_fsdp(model, mesh, param_dtype, reduce_dtype, cpu_offload=offload_params)
         case "deepspeed":
             from longtrain.parallel.deepspeed import deepspeed_wrap
 
             return deepspeed_wrap(model, mesh, zero_stage=zero_stage, dtype=param_dtype,
-                                  optimizer_factory=optimizer_factory, offload_optimizer=cpu_offload,
-                                  offload_params=cpu_offload and zero_stage == 3)
+                                  optimizer_factory=optimizer_factory, offload_optimizer=offload_optimizer,
+                                  offload_params=offload_params, grad_clip=grad_clip)
         case "none":
             if dims.world_size > 1:
                 raise ValueError(f"backend 'none' cannot sum gradients over {dims.world_size} processes; "

@@ -48,13 +48,14 @@ class TokenSumLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, labels: Tensor, mask: AttnMask) -> Tensor:
-        h = self.model.hidden_states(input_ids, position_ids, mask=mask)  # (bs, s, dim)
+    def forward(self, input_ids: Tensor, position_ids: Tensor, labels: Tensor, mask: AttnMask | None,
+                doc_ids: Tensor | None = None, rope_seq_len: int | None = None) -> Tensor:
+        h = self.model.hidden_states(input_ids, position_ids, doc_ids, mask, rope_seq_len=rope_seq_len)  # (bs, s, dim)
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.model.output_weight, labels.reshape(-1))
 
 
 def deepspeed_config(zero_stage: int, dtype: torch.dtype, *, offload_optimizer: bool = False,
-                     offload_params: bool = False, micro_batch_size: int = 1) -> dict:
+                     offload_params: bool = False, micro_batch_size: int = 1, grad_clip: float = 0.0) -> dict:
     """A DeepSpeed config dict for ZeRO `zero_stage`.
 
     Raises:
@@ -70,7 +71,7 @@ def deepspeed_config(zero_stage: int, dtype: torch.dtype, *, offload_optimizer: 
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "gradient_clipping": 0.0, "steps_per_print": 2**31 - 1,
+              "zero_optimization": zero, "gradient_clipping": grad_clip, "steps_per_print": 2**31 - 1,
               "wall_clock_breakdown": False}
     match dtype:
         case torch.float32:
@@ -87,7 +88,7 @@ def deepspeed_config(zero_stage: int, dtype: torch.dtype, *, offload_optimizer: 
 def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int = 3,
                    dtype: torch.dtype = torch.float32,
                    optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                   offload_optimizer: bool = False, offload_params: bool = False):
+                   offload_optimizer: bool = False, offload_params: bool = False, grad_clip: float = 0.0):
     """Wrap a longtrain Transformer (CP attention already installed) in a DeepSpeed engine.
 
     Args:
@@ -99,6 +100,7 @@ def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int
         optimizer_factory: builds the torch optimizer from the parameters (DeepSpeed must own it
             from the start); default AdamW(lr=1e-4), DeepSpeedCPUAdam with offload_optimizer.
         offload_optimizer, offload_params: ZeRO-Offload of optimizer state / parameters to the CPU.
+        grad_clip: gradient-norm clipping DeepSpeed applies in its step (0: none).
 
     Returns:
         The engine; call `engine(input_ids, position_ids, labels, mask)` for the token-sum loss and
@@ -116,7 +118,8 @@ def deepspeed_wrap(model: nn.Module, mesh: DeviceMesh | None, *, zero_stage: int
     if zero_stage == 3:
         # The output weight is used outside lm_head's forward: let ZeRO-3 gather it for this forward.
         deepspeed.zero.register_external_parameter(wrapper, model.output_weight)
-    config = deepspeed_config(zero_stage, dtype, offload_optimizer=offload_optimizer, offload_params=offload_params)
+    config = deepspeed_config(zero_stage, dtype, offload_optimizer=offload_optimizer, offload_params=offload_params,
+                              grad_clip=grad_clip)
     if optimizer_factory is not None:
         optimizer = optimizer_factory(wrapper.parameters())
         # The caller chose the optimizer: let DeepSpeed run it on offloaded states too.

@@ -64,7 +64,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = to
     # the rope cos/sin included, which must stay fp32 (PITFALLS.md: bf16 angles err by whole radians at long
     # positions). The hidden states need no cast: they come out of bf16 weights already in bf16.
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory makes the copies to the GPU asynchronous; without a GPU there is nothing to pin for.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward)

@@ -54,17 +54,37 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
 
     par = recipe.parallel
     ulysses = par.cp if par.cp_mode == "ulysses" else par.ulysses
+    # FSDP2 offload and DeepSpeed wrap the model in one process too: they need a (one-rank) process group.
+    one_process_wrap = info.world_size == 1 and needs_wrapper(recipe)
+    if one_process_wrap:
+        start_one_rank_group(info.device)
     try:
         dims = ParallelDims(dp_replicate=par.dp_replicate, dp_shard=par.dp_shard, cp=par.cp, ulysses=ulysses,
                             world_size=info.world_size)
     except ValueError as e:
         raise ValueError(f"{recipe.source}: the `parallel` section does not fit {info.world_size} process(es): {e}")
-    mesh = dims.build_mesh(info.device.type) if info.world_size > 1 else None
+    mesh = dims.build_mesh(info.device.type) if info.world_size > 1 or one_process_wrap else None
     cp_rank = mesh["cp"].get_local_rank() if dims.cp > 1 else 0
     dp_rank = mesh["dp"].get_local_rank() if dims.dp > 1 else 0
     # Zigzag (head-tail) chunks balance causal work over cp ranks for every mode (the mask carries the global
     # token index, so all-gather and Ulysses attention are layout-agnostic).
-    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, "zigzag", ulysses, mesh, info.world_size > 1, dims)
+    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, "zigzag", ulysses, mesh,
+                  info.world_size > 1 or one_process_wrap, dims)
+
+
+def needs_wrapper(recipe: Recipe) -> bool:
+    """The recipe needs the sharding engine even in one process: DeepSpeed, or FSDP2's parameter offload."""
+    memory = recipe.stages[0].memory
+    return recipe.parallel.backend == "deepspeed" or memory.offload_params
+
+
+def start_one_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store: no port, no launcher needed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def model_args(recipe: Recipe) -> ModelArgs:
@@ -95,20 +115,12 @@ def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
 
 
 def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
-    """The model of the recipe on `info.device`: built, LoRA added, then `longtrain.parallel.apply` (attention
-    backend or context-parallel attention, tiled MLP, activation checkpointing, FSDP2) called once.
+    """The model of the recipe on `info.device`, built and with LoRA added, before parallel.apply.
 
     A flavor is built on the meta device and initialised from `model.init_seed` (the same on every rank);
-    an HF directory is loaded by `longtrain.load_hf`. In one process parameters take the recipe's dtype
-    (bf16 on GPU, fp32 on CPU); under FSDP2 they stay fp32 and FSDP computes in that dtype.
-
-    Raises:
-        NotImplementedError: the DeepSpeed backend (wired in check-parallel, not yet in the trainer loop).
+    an HF directory is loaded by `longtrain.load_hf` (fp32, cast by build_engine).
     """
-    import longtrain.parallel as parallel
-
-    mcfg, memory = recipe.model, recipe.stages[0].memory
-    dtype = resolve_dtype(mcfg.dtype, info.device)
+    mcfg = recipe.model
     if mcfg.path is not None:
         from longtrain.model.hf import load_hf
 
@@ -120,17 +132,52 @@ def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
         model.init_weights(seed=mcfg.init_seed)
     if mcfg.lora is not None:
         apply_lora(model, mcfg.lora, seed=mcfg.init_seed)
-    backend = recipe.parallel.backend if info.world_size > 1 else "none"
-    if backend == "deepspeed":
-        raise NotImplementedError(f"{recipe.source}: parallel.backend deepspeed is not wired into the trainer "
-                                  f"loop yet; use fsdp2")
-    model.to(device=info.device, dtype=torch.float32 if layout.sharded else dtype)
-    model = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
-                           attention_backend=mcfg.attention, param_dtype=dtype, reduce_dtype=torch.float32,
-                           ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
-                           tiled_mlp=tiled_mlp_setting(recipe, memory),
-                           fused_kernels=fused_kernels_setting(recipe, info.device), backend=backend)
     return model
+
+
+def master_dtype(recipe: Recipe, layout: Layout, compute: torch.dtype) -> torch.dtype:
+    """Storage dtype of the parameters (and so of gradients and AdamW states): memory.master_dtype, where auto
+    is float32 whenever FSDP2 shards or offloads (bf16 compute through its MixedPrecisionPolicy) and the compute
+    dtype in one unwrapped process."""
+    match recipe.stages[0].memory.master_dtype:
+        case "auto":
+            return torch.float32 if layout.sharded else compute
+        case "float32":
+            return torch.float32
+        case "bfloat16":
+            return torch.bfloat16
+        case other:
+            raise ValueError(f"memory.master_dtype {other!r}; valid: auto, float32, bfloat16")
+
+
+def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
+    """The model through `longtrain.parallel.apply` (attention or CP attention, tiled MLP, activation
+    checkpointing, sharding) with its optimizer, as the step engine the trainer drives (trainer/engine.py)."""
+    import longtrain.parallel as parallel
+    from longtrain.trainer.engine import DeepSpeedEngine, TorchEngine
+    from longtrain.trainer.optim import build_optimizer
+
+    model, memory, train0 = build_model(recipe, info, layout), recipe.stages[0].memory, recipe.stages[0].train
+    dtype = resolve_dtype(recipe.model.dtype, info.device)
+    backend = recipe.parallel.backend if layout.sharded else "none"
+    if backend == "deepspeed" and memory.chunkwise is not None:
+        raise NotImplementedError(f"{recipe.source}: memory.chunkwise runs its own chunk-by-chunk backward, which "
+                                  f"the DeepSpeed engine does not drive; use parallel.backend fsdp2 for it")
+    # DeepSpeed keeps the model in the compute dtype and its own fp32 master copy; FSDP2 stores master_dtype.
+    model.to(device=info.device, dtype=dtype if backend == "deepspeed" else master_dtype(recipe, layout, dtype))
+    make_optimizer = lambda params: build_optimizer(params, train0.optimizer, info.device)  # noqa: E731
+    out = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
+                         attention_backend=recipe.model.attention, param_dtype=dtype, reduce_dtype=torch.float32,
+                         ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
+                         tiled_mlp=tiled_mlp_setting(recipe, memory),
+                         fused_kernels=fused_kernels_setting(recipe, info.device), backend=backend,
+                         zero_stage=recipe.parallel.zero_stage, offload_params=memory.offload_params,
+                         offload_optimizer=memory.offload_optimizer, grad_clip=train0.grad_clip,
+                         sharded_one_process=layout.sharded and info.world_size == 1,
+                         optimizer_factory=make_optimizer if backend == "deepspeed" else None)
+    if backend == "deepspeed":
+        return DeepSpeedEngine(out, model)
+    return TorchEngine(out, make_optimizer(out.parameters()))
 
 
 def stage_rope(recipe: Recipe, stage_index: int, base: dict) -> dict:

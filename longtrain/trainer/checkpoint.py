@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from longtrain.trainer.distributed import barrier
 
@@ -77,15 +76,15 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(root: str | Path, meta: CheckpointMeta, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank_state: dict[str, Any], rank: int, recipe_yaml: str, keep_last: int,
-                    debug_pause_s: float = 0.0) -> Path:
+def save_checkpoint(root: str | Path, meta: CheckpointMeta, engine, rank_state: dict[str, Any], rank: int,
+                    recipe_yaml: str, keep_last: int, debug_pause_s: float = 0.0) -> Path:
     """Write `step-{meta.step}` under `root` on every rank (collective), publish it atomically, prune old ones.
 
     Args:
         root: the checkpoints folder.
         meta: step / stage / model description (rank 0 writes it).
-        model, optimizer: saved through DCP (sharded state stays sharded).
+        engine: the step engine (trainer/engine.py): its `checkpoint_state` goes through DCP (sharded state
+            stays sharded), its `save_extra` writes engine files (DeepSpeed's) into the same folder.
         rank_state: this rank's RNGs, loader position, scheduler state (torch.save'd).
         rank: this process's rank.
         recipe_yaml: the resolved recipe text.
@@ -102,8 +101,8 @@ def save_checkpoint(root: str | Path, meta: CheckpointMeta, model: torch.nn.Modu
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp / "dcp")
+    _dcp(dcp.save, engine.checkpoint_state(), tmp / "dcp")
+    engine.save_extra(tmp)
     torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank-{rank:05d}.pt")
     barrier()
     if rank == 0:
@@ -157,9 +156,9 @@ def read_meta(ckpt: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((Path(ckpt) / "meta.json").read_text()))
 
 
-def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank: int) -> tuple[CheckpointMeta, dict[str, Any]]:
-    """Load model, optimizer and this rank's state (RNGs restored) from a complete checkpoint (collective).
+def load_checkpoint(ckpt: str | Path, engine, rank: int) -> tuple[CheckpointMeta, dict[str, Any]]:
+    """Load model, optimizer (through the step engine) and this rank's state (RNGs restored) from a complete
+    checkpoint (collective).
 
     Returns:
         The meta and this rank's state (loader position, scheduler state, counters).
@@ -172,10 +171,9 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     if not rank_file.is_file():
         raise ValueError(f"{ckpt} was saved by {meta.world_size} ranks and holds no state for rank {rank}; "
                          f"resume with the same world size")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = engine.checkpoint_state()
     _dcp(dcp.load, state, ckpt / "dcp")
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    engine.load_checkpoint_state(state, ckpt)
     rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return meta, rank_state

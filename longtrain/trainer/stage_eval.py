@@ -20,11 +20,15 @@ def _results_file(recipe: Recipe) -> Path:
     return Path(recipe.run_dir) / "eval" / "results.jsonl"
 
 
-def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, logger, sharded: bool) -> list[dict]:
+def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, logger, sharded: bool,
+                   full_state=None) -> list[dict]:
     """Score the model after stage `si` (and with the next stage's rope, untrained); rank 0 evaluates.
 
     A sharded (FSDP2) model is first gathered into a plain copy on rank 0 (full weights in host memory:
     fine for the models one evaluates during training on CPU/GPU; for 8B+ run `longtrain eval` on the export).
+
+    `full_state`: a collective callable returning the full (unsharded) state dict on rank 0 (the step engine's
+    `full_state_dict`); default: FSDP2's full state dict of `model`.
 
     Returns:
         The results dicts of longtrain.eval.evaluate (empty on other ranks).
@@ -33,7 +37,7 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
 
     stage, cfg = recipe.stages[si], recipe.stages[si].eval
     if sharded:
-        model = _gathered_copy(model, recipe, info)  # collective; a plain model on rank 0, None elsewhere
+        model = _gathered_copy(model, recipe, info, full_state)  # collective; a plain model on rank 0, else None
     out: list[dict] = []
     if info.is_main:
         variants = [(stage.name, None)]
@@ -65,7 +69,7 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
     return out
 
 
-def _gathered_copy(model, recipe: Recipe, info: DistInfo):
+def _gathered_copy(model, recipe: Recipe, info: DistInfo, full_state=None):
     """All ranks gather the full state dict; rank 0 loads it into an unsharded twin on its device."""
     import copy
 
@@ -75,7 +79,8 @@ def _gathered_copy(model, recipe: Recipe, info: DistInfo):
     from longtrain.model.decoder import Transformer
     from longtrain.trainer.lora import apply_lora
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = (full_state() if full_state is not None else
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     if not info.is_main:
         return None
     with torch.device("meta"):

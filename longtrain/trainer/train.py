@@ -28,14 +28,13 @@ import yaml
 
 from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
-from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.trainer import build
 from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint, save_checkpoint
 from longtrain.trainer.checkpoint import complete_checkpoints
 from longtrain.trainer.data import BatchSource, build_batch_source
 from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
 from longtrain.trainer.metrics import MetricsLogger, memory_gib
-from longtrain.trainer.optim import build_optimizer, build_scheduler
+from longtrain.trainer.optim import build_scheduler
 
 
 class TrainingError(RuntimeError):
@@ -110,9 +109,12 @@ def micro_batches_per_step(stage: StageConfig, dp_size: int) -> int:
     return gbt // per_micro
 
 
-def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: build.Layout, stage: StageConfig,
+def train_step(engine, batches: list[Batch], info: DistInfo, layout: build.Layout, stage: StageConfig,
                inject_nan: bool, generator: torch.Generator | None = None) -> StepStats:
-    """Forward, backward and (unless the loss or gradients are not finite) one optimizer update."""
+    """Forward, backward and (unless the loss or gradients are not finite) one optimizer update.
+
+    `engine` is the trainer/engine.py StepEngine of the recipe's sharding backend.
+    """
     local_valid = sum(b.num_valid_tokens for b in batches)
     # Length-dependent ropes (dynamic, longrope) pick frequencies from the longest position: take it from the
     # global batch, so every cp shard uses the same frequencies as one process would.
@@ -127,9 +129,11 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
     global_valid = int(all_reduce(torch.tensor([local_valid], dtype=torch.int64, device=info.device)).item())
     denom = max(global_valid, 1)  # no valid token anywhere: every sum is 0, so is the loss (skipped below)
     loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
+    model = engine.model
     window = model.args.sliding_window
     chunkwise = stage.memory.chunkwise
-    for b, rope_len in zip(batches, rope_lens):
+    engine.begin_step(len(batches))
+    for i, (b, rope_len) in enumerate(zip(batches, rope_lens)):
         b = b.to(info.device)
         if chunkwise is not None:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO)
             from longtrain.trainer.chunkwise import chunkwise_forward_backward
@@ -138,27 +142,19 @@ def train_step(model, optimizer, batches: list[Batch], info: DistInfo, layout: b
                                            loss_normalizer=float(denom), generator=generator)
         else:
             mask = local_attn_mask(b, window) if layout.cp_size > 1 else None
-            hidden = model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask, rope_seq_len=rope_len)
-            s = linear_cross_entropy(hidden, model.output_weight, b.labels)
+            s = engine.loss_sum(b, mask, rope_len)
             if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
                 s = s * float("nan")
-            (s / denom).backward()
+            engine.backward(s / denom, i)
         loss_sum += s.detach().float()
     if inject_nan and chunkwise is not None:
         loss_sum = loss_sum * float("nan")
-    params = build.trainable(model)
-    # Gradients: FSDP2 sums them over dp_shard x cp in its reduce-scatter (divide factor 1), nothing to do here.
+    # Gradients: FSDP2 sums them over dp_shard x cp in its reduce-scatter (divide factor 1), DeepSpeed in
+    # ZeRO's reduction (parallel/deepspeed.py ds_backward): nothing to do here.
     loss = (all_reduce(loss_sum) / denom).item()
     max_norm = stage.train.grad_clip if stage.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    grad_norm = float(grad_norm)
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm)) or global_valid == 0
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss, grad_norm, global_valid, skipped)
+    result = engine.step(max_norm, loss_finite=math.isfinite(loss) and global_valid > 0)
+    return StepStats(loss, result.grad_norm, global_valid, not result.stepped)
 
 
 def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
@@ -190,9 +186,9 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
         # x86 arithmetic; flushing them to zero changes no result that matters and removes that risk.
         torch.set_flush_denormal(True)
     layout = build.build_layout(recipe, info)
-    model = build.build_model(recipe, info, layout)
+    engine = build.build_engine(recipe, info, layout)
+    model, optimizer = engine.model, engine.optimizer
     base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
-    optimizer = build_optimizer(model.parameters(), recipe.stages[0].train.optimizer, info.device)
     from longtrain.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.tokenizer)
@@ -206,7 +202,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
 
         meta0 = read_meta(resume_from)
         _set_stage_rope(model, recipe, min(meta0.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
-        meta, rank_state = load_checkpoint(resume_from, model, optimizer, info.rank)
+        meta, rank_state = load_checkpoint(resume_from, engine, info.rank)
         step, start_stage, start_stage_step = meta.step, meta.stage, meta.stage_step
         bad_steps = rank_state["bad_steps"]
     total_steps = sum(s.steps for s in recipe.stages)
@@ -243,7 +239,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 batches = [source.next_batch() for _ in range(n_micro)]
                 # Chunk selection of sparse chunkwise training: seeded by the step, so a resumed run draws the same.
                 gen = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step)
-                stats = train_step(model, optimizer, batches, info, layout, stage,
+                stats = train_step(engine, batches, info, layout, stage,
                                    inject_nan=step + 1 in stage.train.debug_nan_steps, generator=gen)
                 lr = scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
@@ -283,7 +279,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 periodic = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
                 last = done_stage and si == len(recipe.stages) - 1
                 if periodic or last or stop_now or preempted:
-                    _save(recipe, model, optimizer, source, scheduler, info, ckpt_root, recipe_yaml,
+                    _save(recipe, engine, source, scheduler, info, ckpt_root, recipe_yaml,
                           step, next_stage, next_step, bad_steps, base_rope)
                 if preempted or stop_now:
                     result.status = "preempted" if preempted else "stopped"
@@ -295,7 +291,8 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
             if stage.eval is not None and stage_step == stage.steps and result.status != "preempted":
                 from longtrain.trainer.stage_eval import evaluate_stage
 
-                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger, layout.sharded)
+                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger, layout.sharded,
+                                               engine.full_state_dict)
             if result.status != "done":
                 result.step = step
                 return result
@@ -358,17 +355,17 @@ def _resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
             return resolve_checkpoint(path)
 
 
-def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
+def _save(recipe: Recipe, engine, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
           recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, base_rope: dict) -> None:
     # After the last step of a stage the checkpoint points at the next stage, step 0: its loader and
     # scheduler are built fresh on resume, so the saved ones are only used mid-stage.
     lora = recipe.model.lora
     meta = CheckpointMeta(step=step, stage=next_stage, stage_step=next_step,
-                          model_args=build.args_dict(model.args),
+                          model_args=build.args_dict(engine.model.args),
                           lora=dataclasses.asdict(lora) if lora is not None else None,
                           tokenizer=recipe.model.tokenizer, world_size=info.world_size)
     done_stage = next_step == 0
     rank_state = {"data": None if done_stage else source.state_dict(),
                   "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps}
-    save_checkpoint(ckpt_root, meta, model, optimizer, rank_state, info.rank, recipe_yaml,
+    save_checkpoint(ckpt_root, meta, engine, rank_state, info.rank, recipe_yaml,
                     recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)

@@ -152,6 +152,7 @@ def test_load_longtrain_checkpoint(tmp_path):
     from longtrain import Transformer
     from longtrain.model.args import model_flavor
     from longtrain.trainer.checkpoint import CheckpointMeta, rng_state, save_checkpoint
+    from longtrain.trainer.engine import TorchEngine
 
     args = model_flavor("debug", rope={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
     model = Transformer(args)
@@ -159,7 +160,8 @@ def test_load_longtrain_checkpoint(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     meta = CheckpointMeta(step=5, stage=1, stage_step=0, model_args=asdict(args), lora=None, tokenizer="builtin",
                           world_size=1)
-    save_checkpoint(tmp_path / "checkpoints", meta, model, opt, {"rng": rng_state()}, 0, "name: t\n", keep_last=1)
+    save_checkpoint(tmp_path / "checkpoints", meta, TorchEngine(model, opt), {"rng": rng_state()}, 0, "name: t\n",
+                    keep_last=1)
     loaded, tok, desc = load_for_eval(tmp_path)  # the run directory
     assert "step 5" in desc and tok.name == "builtin" and loaded.args.rope == args.rope
     ids = torch.randint(0, args.vocab_size, (1, 16))

@@ -22,8 +22,16 @@ def test_params_grads_optimizer_by_hand() -> None:
     off = dict(seq_len=524288, ac_mode="full", offload=True, seq_tile=8192)
     p = plan_memory(ONE_B, dtype="bfloat16", **off)
     assert (p.params, p.grads, p.optimizer) == (2 * n, 2 * n, 4 * n)  # bf16 weights, grads, 2 AdamW states
+    # FSDP2 over 8 ranks: the trainer keeps sharded parameters (and so grads and AdamW states) in fp32.
     p8 = plan_memory(ONE_B, dp_shard=8, **off)
-    assert p8.params == 2 * n // 8 and p8.optimizer == 4 * n // 8
+    assert p8.params == 4 * n // 8 and p8.optimizer == 8 * n // 8
+    assert plan_memory(ONE_B, dp_shard=8, master_dtype="bfloat16", **off).params == 2 * n // 8
+    # Under context parallelism FSDP2 shards over dp_shard x cp: cp=8 divides like dp_shard=8 ...
+    cp8 = plan_memory(ONE_B, cp=8, cp_mode="ring", **off)
+    assert (cp8.params, cp8.optimizer) == (p8.params, p8.optimizer)
+    # ... and one step still holds one sequence per data-parallel replica (cp ranks share it).
+    assert cp8.tokens_per_step == 524288 and p8.tokens_per_step == 8 * 524288
+    assert plan_memory(ONE_B, 256, micro_batch=4, cp=2, cp_mode="ring").tokens_per_step == 1024
     ds = plan_memory(ONE_B, backend="deepspeed", zero_stage=1, dp_shard=4, **off)
     assert ds.params == 2 * n and ds.grads == 2 * n and ds.optimizer == 12 * n // 4  # fp32 master + 2 fp32 states
     # Without checkpointing the peak is the end of the forward: gradients do not exist yet (set to None).
@@ -226,3 +234,29 @@ def test_saved_activation_bytes_match_autograd(fused: bool) -> None:
     measured = _measured_saved_bytes_per_token(TINY, 256, fused)
     # Exact: every saved tensor is counted (the count is per token, so it holds at any length).
     assert measured == layer_saved_bytes_per_token(TINY, "bfloat16", fused_kernels=fused)
+
+
+def test_offload_moves_states_to_the_host_by_hand() -> None:
+    n, layer = ONE_B.num_params(), ONE_B.num_params() // ONE_B.n_layers
+    root = ONE_B.vocab_size * ONE_B.dim + ONE_B.dim  # tied embedding + final norm
+    off = dict(seq_len=131072, ac_mode="full", offload=True, tiled_mlp=True)
+    # FSDP2 CPUOffloadPolicy on one GPU: fp32 params + grads + 2 states on the host; the GPU keeps the
+    # gathered bf16 layer being computed, the prefetched one and the root's parameters.
+    p = plan_memory(ONE_B, offload_params=True, **off)
+    assert (p.params, p.grads, p.optimizer) == (0, 0, 0) and p.host_states == 16 * n
+    assert p.buffers - plan_memory(ONE_B, **off).buffers == 2 * layer * 2 + root * 2
+    assert plan_memory(ONE_B, offload_params=True, master_dtype="bfloat16", **off).host_states == 8 * n
+    # ... over cp=4 ranks each holds a quarter on the host.
+    assert plan_memory(ONE_B, offload_params=True, cp=4, cp_mode="ring", **off).host_states == 16 * n // 4
+    # DeepSpeed ZeRO-3 over 2 ranks with ZeRO-Offload: fp32 master + 2 states + the fp32 gradient copy on the
+    # host; with offload_param the bf16 partition too.
+    ds = dict(backend="deepspeed", zero_stage=3, dp_shard=2, **off)
+    z = plan_memory(ONE_B, offload_optimizer=True, **ds)
+    assert z.optimizer == 0 and z.host_states == 16 * n // 2 and z.params == 2 * n // 2
+    zp = plan_memory(ONE_B, offload_optimizer=True, offload_params=True, **ds)
+    assert zp.params == 0 and zp.host_states == 16 * n // 2 + 2 * n // 2
+    assert not zp.fits(80 * GIB, host_bytes=zp.host_total - 1) and zp.fits(80 * GIB, host_bytes=zp.host_total)
+    with pytest.raises(ValueError, match="FSDP2 offloads optimizer states only together with the parameters"):
+        plan_memory(ONE_B, offload_optimizer=True, **off)
+    with pytest.raises(ValueError, match="zero_stage 3 only"):
+        plan_memory(ONE_B, offload_params=True, offload_optimizer=True, backend="deepspeed", zero_stage=2, **off)
