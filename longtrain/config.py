@@ -157,6 +157,9 @@ class ChunkwiseConfig:
 class MemoryConfig:
     activation_checkpoint: str = "none"  # none | selective | full
     offload_activations: bool = False
+    # With offload_activations and full checkpointing: the last this-many layers keep their checkpoint on the
+    # GPU, the rest go to the host (split the checkpoints between GPU and host RAM; `longtrain plan` sizes it).
+    gpu_checkpoint_layers: int = 0
     tiled_mlp: bool | str = "auto"  # auto | true | false
     chunkwise: ChunkwiseConfig | None = None
     # Parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy, also in one process;
@@ -172,6 +175,12 @@ class MemoryConfig:
     def __post_init__(self):
         _choice("activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
         _choice("master_dtype", self.master_dtype, ("auto", "float32", "bfloat16"))
+        if self.gpu_checkpoint_layers < 0:
+            raise FieldError("gpu_checkpoint_layers", self.gpu_checkpoint_layers, "must be >= 0")
+        if self.gpu_checkpoint_layers and not (self.offload_activations and self.activation_checkpoint == "full"):
+            raise FieldError("gpu_checkpoint_layers", self.gpu_checkpoint_layers,
+                             "splits offloaded checkpoints between GPU and host: it needs offload_activations: true "
+                             "and activation_checkpoint: full")
         if isinstance(self.tiled_mlp, str):
             _choice("tiled_mlp", self.tiled_mlp, ("auto",))
 
@@ -229,6 +238,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end of the run (and on SIGTERM)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    at_end: bool = True  # false: no checkpoint when the run ends (benchmark runs; SIGTERM still saves one)
     debug_pause_s: float = 0.0  # test hook: sleep after writing the files, before marking the checkpoint complete
 
     def __post_init__(self):

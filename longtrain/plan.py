@@ -38,6 +38,8 @@ GIB = 1024**3
 # CUDA context, cuBLAS/cuDNN handles and caching-allocator fragmentation: outside max_memory_allocated,
 # so not in `total`, but a GPU must hold them too (`MemoryPlan.fits`).
 RUNTIME_OVERHEAD_BYTES = int(1.0 * GIB)
+# Host RAM the OS, the Python processes and the CUDA driver's pinned staging keep for themselves.
+HOST_RESERVE_GIB = 8.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
 LOSS_IMPLS = ("torch", "compile", "triton", "auto")  # auto: triton (the plan is of a GPU)
@@ -199,7 +201,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 loss_chunk: int | None = DEFAULT_LOSS_CHUNK, loss_impl: str = "torch", fused_kernels: bool = False,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
                 steady_state: bool = True, attention: str = "auto", offload_params: bool = False,
-                offload_optimizer: bool = False, master_dtype: str | None = None) -> MemoryPlan:
+                offload_optimizer: bool = False, master_dtype: str | None = None,
+                gpu_checkpoint_layers: int = 0) -> MemoryPlan:
     """Predict per-GPU peak memory of one training step.
 
     Args:
@@ -229,6 +232,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             computed and the next one, gathered in the compute dtype, and the root's embedding/output/norm.
         offload_optimizer: optimizer states (DeepSpeed: fp32 master weights and states, and the fp32
             gradients they are stepped with) on the host. FSDP2 offloads states only with the parameters.
+        gpu_checkpoint_layers: with offload and full AC, the last this-many layers keep their checkpoint (the
+            block input) on the GPU; the host holds the others.
         master_dtype: storage dtype of sharded parameters, gradients and optimizer states (FSDP2). None: what
             the trainer does (float32 whenever FSDP2 shards or offloads, else `dtype`).
 
@@ -337,7 +342,12 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     # untiled, an fp32 copy instead of the input.
     final_fwd = t * (2 * p.x if fused_kernels or seq_tile is not None else 4 * a.dim + 2 * p.x)
     h_held = t * p.x  # the final hidden states, alive in the caller until the step ends
-    host = a.n_layers * t * (p.x if ac_mode == "full" else kept + recomputed) if offload else 0
+    if gpu_checkpoint_layers and not (offload and ac_mode == "full"):
+        raise ValueError("plan_memory: gpu_checkpoint_layers needs offload with ac_mode 'full'")
+    host = (a.n_layers - gpu_checkpoint_layers) * t * (p.x if ac_mode == "full" else kept + recomputed) if offload else 0
+    # The last gpu_checkpoint_layers checkpoints stay on the GPU until their layer's backward frees them (they are
+    # the first layers back-propagated, so none is left at layer 0's backward).
+    gpu_ckpt = gpu_checkpoint_layers * t * p.x
     kv_store = 0
     if chunkwise is not None:
         kv = a.n_layers * 2 * a.n_kv_heads * a.head_dim * tokens
@@ -360,8 +370,9 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     # ---- the three candidate moments -------------------------------------------------------------------
     layer_now = t * (kept + recomputed + work) + tile_work  # the layer being back-propagated
     moments = {
-        "end of forward (loss)": (0, a.n_layers * t * kept + final_fwd + kv_store, loss),
-        "backward of the last layer": (grad_out, h_held + (a.n_layers - 1) * t * kept + layer_now + kv_store, 0),
+        "end of forward (loss)": (0, a.n_layers * t * kept + gpu_ckpt + final_fwd + kv_store, loss),
+        "backward of the last layer": (grad_out, h_held + (a.n_layers - 1) * t * kept + gpu_ckpt + layer_now
+                                       + kv_store, 0),
         "backward of layer 0": (grads, h_held + layer_now + kv_store, 0),
     }
     peak_at = max(moments, key=lambda k: sum(moments[k]))
@@ -399,6 +410,12 @@ SWITCH_LADDER: tuple[tuple[str, dict], ...] = (
     ("full AC + offload + tiled MLP", {"ac_mode": "full", "offload": True, "tiled_mlp": True}),
     ("full AC + offload + sequence-tiled blocks", {"ac_mode": "full", "offload": True, "tiled_mlp": True,
                                                    "seq_tile": DEFAULT_TILE_TOKENS}),
+    # Parameters, gradients and optimizer states on the host (memory.offload_params; with DeepSpeed also
+    # memory.offload_optimizer): the GPU keeps only activations and the layers being computed.
+    ("full AC + tiled MLP + parameter offload", {"ac_mode": "full", "tiled_mlp": True, "offload_params": True,
+                                                 "offload_optimizer": True}),
+    ("full AC + offload + tiled MLP + parameter offload", {"ac_mode": "full", "offload": True, "tiled_mlp": True,
+                                                           "offload_params": True, "offload_optimizer": True}),
 )
 
 
@@ -414,13 +431,17 @@ def suggest(gpu_bytes: int, host_bytes: int | None = None, **plan_kwargs) -> lis
     Returns:
         (label, plan) for every ladder setting that fits, cheapest first; empty when none fits.
     """
-    base = {**plan_kwargs, "offload": False, "chunkwise": None, "seq_tile": None}
+    base = {**plan_kwargs, "offload": False, "chunkwise": None, "seq_tile": None, "offload_params": False,
+            "offload_optimizer": False}
     if base.get("loss_chunk") is None:
         base["loss_chunk"] = DEFAULT_LOSS_CHUNK
     fits = []
     for label, over in SWITCH_LADDER:
+        over = dict(over)
+        if over.get("offload_params") and base.get("backend", "fsdp2") == "fsdp2":
+            over.pop("offload_optimizer")  # FSDP2 offloads the states with the parameters
         p = plan_memory(**{**base, **over})
-        if p.fits(gpu_bytes) and (host_bytes is None or p.host_offload <= host_bytes):
+        if p.fits(gpu_bytes, host_bytes):
             fits.append((label, p))
     return fits
 
@@ -431,8 +452,9 @@ def _format(plan: MemoryPlan, gpu_bytes: int) -> str:
     rows.append(f"  {'total':<13} {g['total']:>9.2f} GiB   ({'fits' if plan.fits(gpu_bytes) else 'does NOT fit'} "
                 f"in {gpu_bytes / GIB:.0f} GiB with {RUNTIME_OVERHEAD_BYTES / GIB:.0f} GiB runtime overhead; "
                 f"peak at {plan.peak_at})")
-    if plan.host_offload:
-        rows.append(f"  {'host offload':<13} {g['host_offload']:>9.2f} GiB of host RAM")
+    if plan.host_offload or plan.host_states:
+        rows.append(f"  host RAM per GPU: {g['host_states']:.2f} GiB parameters/gradients/optimizer states + "
+                    f"{g['host_offload']:.2f} GiB activation checkpoints = {plan.host_total / GIB:.2f} GiB")
     rows.append(f"  tokens/GPU {plan.tokens_per_gpu:,}   tokens/step {plan.tokens_per_step:,}")
     return "\n".join(rows)
 
@@ -444,6 +466,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs in the job (resolves dp_shard: -1)")
+    p.add_argument("--host-memory-gib", type=float, default=None,
+                   help="host RAM of one node, shared by its GPUs' processes (default: 128 for one GPU, 70 a GPU)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: min(world size, 8)")
     p.set_defaults(func=run)
     return p
 
@@ -462,6 +487,10 @@ def run(args: argparse.Namespace) -> int:
     par = recipe.parallel
     dp_shard = par.dp_shard if par.dp_shard != -1 else max(1, args.world_size // (par.cp * par.dp_replicate))
     gpu = int(args.gpu_memory_gib * GIB)
+    per_node = args.gpus_per_node or min(args.world_size, 8)
+    # Default host RAM: this project's GPU machines (1 GPU: 128 GiB; 8 GPUs: 560 GiB, ~70 GiB a GPU).
+    node_host = args.host_memory_gib if args.host_memory_gib else (128.0 if per_node == 1 else 70.0 * per_node)
+    host = int((node_host - HOST_RESERVE_GIB) * GIB) // per_node  # host RAM each GPU's process may use
     model_args = recipe.model.model_args()
     dtype = "bfloat16" if recipe.model.dtype == "auto" else recipe.model.dtype
     ok = True
@@ -480,15 +509,23 @@ def run(args: argparse.Namespace) -> int:
         kwargs = dict(model_args=model_args, seq_len=stage.seq_len, micro_batch=stage.train.micro_batch,
                       dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, dtype=dtype, optimizer="adamw",
                       backend=par.backend, zero_stage=par.zero_stage, dp_replicate=par.dp_replicate, **common)
+        master = None if mem.master_dtype == "auto" else mem.master_dtype
         plan = plan_memory(**kwargs, ac_mode=mem.activation_checkpoint, offload=mem.offload_activations,
-                           tiled_mlp=tiled, chunkwise=mem.chunkwise.chunk if mem.chunkwise else None)
+                           tiled_mlp=tiled, chunkwise=mem.chunkwise.chunk if mem.chunkwise else None,
+                           offload_params=mem.offload_params, offload_optimizer=mem.offload_optimizer,
+                           master_dtype=master, gpu_checkpoint_layers=mem.gpu_checkpoint_layers)
         print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, cp {par.cp} ({par.cp_mode}), "
               f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}, "
-              f"attention {recipe.model.attention}")
+              f"offload_params {mem.offload_params}, attention {recipe.model.attention}")
         print(_format(plan, gpu))
-        if not plan.fits(gpu):
+        if plan.host_total > host:
+            print(f"  host RAM does NOT fit: {plan.host_total / GIB:.1f} GiB per GPU, {host / GIB:.1f} GiB available "
+                  f"({node_host:.0f} GiB less {HOST_RESERVE_GIB:.0f} for the OS shared by {per_node} GPU process(es)); "
+                  f"memory.master_dtype: bfloat16 halves FSDP2's offloaded states, memory.gpu_checkpoint_layers "
+                  f"keeps checkpoints on the GPU")
+        if not plan.fits(gpu, host):
             ok = False
-            fits = suggest(gpu, **kwargs)
+            fits = suggest(gpu, host, **{**kwargs, "master_dtype": master})
             if fits:
                 print("  fits with: " + "; ".join(f"{label} ({p.total / GIB:.1f} GiB)" for label, p in fits[:3]))
             else:

@@ -129,7 +129,7 @@ def _offloaded(orig, offloader: ActivationOffloader, mode: str, n_layers: int, i
 
 def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_bytes: int | None = None,
              save_ops: set | None = None, offload_min_bytes: int = 1 << 20, seq_tile: int | None = None,
-             ) -> ActivationOffloader | None:
+             gpu_layers: int = 0) -> ActivationOffloader | None:
     """Checkpoint (and optionally offload) the activations of every block of `model`.
 
     Args:
@@ -141,6 +141,9 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         offload_min_bytes: saved tensors smaller than this stay on the device.
         seq_tile: run each block's per-token parts, and the final norm, over checkpointed sequence tiles of
             this many tokens (None: the modules' own forward).
+        gpu_layers: with offload and full checkpointing, the last `gpu_layers` blocks keep their checkpoint on
+            the GPU (a budget split: the host holds the rest). The last blocks are the first the backward
+            needs, so they are the ones not to fetch back.
 
     Returns:
         The ActivationOffloader when offload is on (its `peak_bytes` reports host usage), else None.
@@ -164,7 +167,13 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
                                   "without offload")
     if seq_tile is not None and seq_tile < 1:
         raise ValueError(f"apply_ac: seq_tile must be >= 1 or None, got {seq_tile}")
+    if gpu_layers and not (offload and mode == "full"):
+        raise ValueError(f"apply_ac: gpu_layers={gpu_layers} splits offloaded full checkpoints between GPU and "
+                         f"host; it needs mode 'full' with offload")
+    if not 0 <= gpu_layers <= len(layers):
+        raise ValueError(f"apply_ac: gpu_layers must be in 0..{len(layers)} (the model's layers), got {gpu_layers}")
     offloader = ActivationOffloader(host_budget_bytes, offload_min_bytes) if offload else None
+    n_offloaded = len(layers) - gpu_layers
     context_fn = None
     if mode == "selective":
         ops = frozenset(attention_ops() | set(save_ops or ()))
@@ -175,9 +184,9 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         orig = block._unwrapped_forward
         if seq_tile is not None:
             orig = functools.partial(_tiled_block_forward, block, seq_tile)
-        if offloader is not None:
-            fn = functools.partial(_offloaded, orig, offloader, mode, len(layers), i == 0)
-        elif mode == "full":
+        if offloader is not None and i < n_offloaded:
+            fn = functools.partial(_offloaded, orig, offloader, mode, n_offloaded, i == 0)
+        elif mode == "full":  # also the last gpu_layers blocks of an offloaded model
             fn = functools.partial(_full, orig)
         elif mode == "selective":
             fn = functools.partial(_selective, orig, context_fn)

@@ -165,7 +165,9 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
                                   f"the DeepSpeed engine does not drive; use parallel.backend fsdp2 for it")
     # DeepSpeed keeps the model in the compute dtype and its own fp32 master copy; FSDP2 stores master_dtype.
     model.to(device=info.device, dtype=dtype if backend == "deepspeed" else master_dtype(recipe, layout, dtype))
-    make_optimizer = lambda params: build_optimizer(params, train0.optimizer, info.device)  # noqa: E731
+    # Offloaded parameters are stepped where they live: on the host (no fused CUDA AdamW there).
+    opt_device = torch.device("cpu") if memory.offload_params else info.device
+    make_optimizer = lambda params: build_optimizer(params, train0.optimizer, opt_device)  # noqa: E731
     out = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
                          attention_backend=recipe.model.attention, param_dtype=dtype, reduce_dtype=torch.float32,
                          ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
@@ -174,6 +176,7 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
                          zero_stage=recipe.parallel.zero_stage, offload_params=memory.offload_params,
                          offload_optimizer=memory.offload_optimizer, grad_clip=train0.grad_clip,
                          sharded_one_process=layout.sharded and info.world_size == 1,
+                         gpu_checkpoint_layers=memory.gpu_checkpoint_layers,
                          optimizer_factory=make_optimizer if backend == "deepspeed" else None)
     if backend == "deepspeed":
         return DeepSpeedEngine(out, model)

@@ -277,7 +277,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 stop_now = recipe.train.stop_after_steps is not None and step >= recipe.train.stop_after_steps
                 preempted = preempt.agreed()
                 periodic = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
-                last = done_stage and si == len(recipe.stages) - 1
+                last = done_stage and si == len(recipe.stages) - 1 and recipe.checkpoint.at_end
                 if periodic or last or stop_now or preempted:
                     _save(recipe, engine, source, scheduler, info, ckpt_root, recipe_yaml,
                           step, next_stage, next_step, bad_steps, base_rope)

@@ -180,6 +180,23 @@ def test_ac_matches_plain(data, mode: str, offload: bool) -> None:
         assert offloader.live_bytes == 0  # and released them once backward consumed them
 
 
+def test_gpu_checkpoint_layers_split_the_offload(data) -> None:
+    """memory.gpu_checkpoint_layers: the last k blocks keep their checkpoint on the device; the host holds the
+    others' (one block input each), and the gradients are those of the plain model."""
+    ids, labels = data
+    peaks = {}
+    for keep in (0, 1, 2):
+        model = tiny_model(n_layers=2)
+        plain = loss_and_grads(model, ids, labels)
+        offloader = apply_ac(model, "full", offload=True, offload_min_bytes=0, gpu_layers=keep)
+        assert_same(plain, loss_and_grads(model, ids, labels))
+        peaks[keep] = offloader.peak_bytes
+    block_input = ids.numel() * tiny_model().args.dim * 4  # fp32 (bs, seq, dim)
+    assert peaks[0] - peaks[1] == block_input and peaks[2] == 0
+    with pytest.raises(ValueError, match="needs mode 'full' with offload"):
+        apply_ac(tiny_model(), "full", offload=False, gpu_layers=1)
+
+
 @pytest.mark.parametrize("mode,offload", [("none", False), ("full", False), ("full", True), ("selective", False)])
 def test_seq_tiled_blocks_match_plain(data, mode: str, offload: bool) -> None:
     # qk-norm and q/k/v biases (Qwen3 / Qwen2 shapes): the tiled block must call every submodule the block does.
