@@ -160,6 +160,9 @@ class MemoryConfig:
     # With offload_activations and full checkpointing: the last this-many layers keep their checkpoint on the
     # GPU, the rest go to the host (split the checkpoints between GPU and host RAM; `longtrain plan` sizes it).
     gpu_checkpoint_layers: int = 0
+    # With activation_checkpoint full: one stored checkpoint per this many layers; the others re-run the layers
+    # before them in their group during backward (an extra forward of those, 1/stride of the checkpoint memory).
+    checkpoint_stride: int = 1
     tiled_mlp: bool | str = "auto"  # auto | true | false
     chunkwise: ChunkwiseConfig | None = None
     # Parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy, also in one process;
@@ -175,6 +178,9 @@ class MemoryConfig:
     def __post_init__(self):
         _choice("activation_checkpoint", self.activation_checkpoint, ("none", "selective", "full"))
         _choice("master_dtype", self.master_dtype, ("auto", "float32", "bfloat16"))
+        if self.checkpoint_stride < 1 or (self.checkpoint_stride > 1 and self.activation_checkpoint != "full"):
+            raise FieldError("checkpoint_stride", self.checkpoint_stride,
+                             "must be >= 1, and > 1 only with activation_checkpoint: full")
         if self.gpu_checkpoint_layers < 0:
             raise FieldError("gpu_checkpoint_layers", self.gpu_checkpoint_layers, "must be >= 0")
         if self.gpu_checkpoint_layers and not (self.offload_activations and self.activation_checkpoint == "full"):
@@ -382,6 +388,10 @@ def _check_offload(recipe: Recipe, file: str) -> None:
                               f"zero_stage {par.zero_stage}, offload_optimizer {mem.offload_optimizer}: DeepSpeed "
                               f"offloads parameters only at zero_stage 3 and together with the optimizer states; "
                               f"set parallel.zero_stage: 3 and memory.offload_optimizer: true.")
+        if mem.checkpoint_stride > 1 and par.backend == "deepspeed":
+            raise RecipeError(f"{file}: `{where}.checkpoint_stride` = {mem.checkpoint_stride} is invalid with "
+                              f"parallel.backend deepspeed: re-running a layer outside its own forward needs FSDP2's "
+                              f"unshard (ZeRO-3 would need its own gathering); use parallel.backend fsdp2 or stride 1.")
         if mem.master_dtype != "auto" and par.backend == "deepspeed":
             raise RecipeError(f"{file}: `{where}.master_dtype` = {mem.master_dtype!r} is invalid with parallel.backend "
                               f"deepspeed: DeepSpeed always keeps fp32 master weights and states; leave it at auto.")

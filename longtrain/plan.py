@@ -202,7 +202,7 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
                 steady_state: bool = True, attention: str = "auto", offload_params: bool = False,
                 offload_optimizer: bool = False, master_dtype: str | None = None,
-                gpu_checkpoint_layers: int = 0) -> MemoryPlan:
+                gpu_checkpoint_layers: int = 0, checkpoint_stride: int = 1) -> MemoryPlan:
     """Predict per-GPU peak memory of one training step.
 
     Args:
@@ -234,6 +234,8 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
             gradients they are stepped with) on the host. FSDP2 offloads states only with the parameters.
         gpu_checkpoint_layers: with offload and full AC, the last this-many layers keep their checkpoint (the
             block input) on the GPU; the host holds the others.
+        checkpoint_stride: with full AC, one stored block input per this many layers (of the offloaded ones
+            with offload); the layer being back-propagated then also holds its re-run input.
         master_dtype: storage dtype of sharded parameters, gradients and optimizer states (FSDP2). None: what
             the trainer does (float32 whenever FSDP2 shards or offloads, else `dtype`).
 
@@ -344,7 +346,11 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     h_held = t * p.x  # the final hidden states, alive in the caller until the step ends
     if gpu_checkpoint_layers and not (offload and ac_mode == "full"):
         raise ValueError("plan_memory: gpu_checkpoint_layers needs offload with ac_mode 'full'")
-    host = (a.n_layers - gpu_checkpoint_layers) * t * (p.x if ac_mode == "full" else kept + recomputed) if offload else 0
+    if checkpoint_stride > 1 and ac_mode != "full":
+        raise ValueError("plan_memory: checkpoint_stride > 1 needs ac_mode 'full'")
+    n_off = a.n_layers - gpu_checkpoint_layers
+    stored = -(-n_off // checkpoint_stride) if ac_mode == "full" else n_off  # checkpoints of the offloaded layers
+    host = stored * t * (p.x if ac_mode == "full" else kept + recomputed) if offload else 0
     # The last gpu_checkpoint_layers checkpoints stay on the GPU until their layer's backward frees them (they are
     # the first layers back-propagated, so none is left at layer 0's backward).
     gpu_ckpt = gpu_checkpoint_layers * t * p.x
@@ -369,9 +375,13 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
 
     # ---- the three candidate moments -------------------------------------------------------------------
     layer_now = t * (kept + recomputed + work) + tile_work  # the layer being back-propagated
+    if checkpoint_stride > 1:  # its input re-run from the group's stored one, beside that one
+        layer_now += t * p.x
+    # Without offload, kept is per stored checkpoint: one per stride layers.
+    kept_layers = a.n_layers if offload or checkpoint_stride == 1 else -(-a.n_layers // checkpoint_stride)
     moments = {
-        "end of forward (loss)": (0, a.n_layers * t * kept + gpu_ckpt + final_fwd + kv_store, loss),
-        "backward of the last layer": (grad_out, h_held + (a.n_layers - 1) * t * kept + gpu_ckpt + layer_now
+        "end of forward (loss)": (0, kept_layers * t * kept + gpu_ckpt + final_fwd + kv_store, loss),
+        "backward of the last layer": (grad_out, h_held + (kept_layers - 1) * t * kept + gpu_ckpt + layer_now
                                        + kv_store, 0),
         "backward of layer 0": (grads, h_held + layer_now + kv_store, 0),
     }
@@ -513,7 +523,8 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_memory(**kwargs, ac_mode=mem.activation_checkpoint, offload=mem.offload_activations,
                            tiled_mlp=tiled, chunkwise=mem.chunkwise.chunk if mem.chunkwise else None,
                            offload_params=mem.offload_params, offload_optimizer=mem.offload_optimizer,
-                           master_dtype=master, gpu_checkpoint_layers=mem.gpu_checkpoint_layers)
+                           master_dtype=master, gpu_checkpoint_layers=mem.gpu_checkpoint_layers,
+                           checkpoint_stride=mem.checkpoint_stride)
         print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, cp {par.cp} ({par.cp_mode}), "
               f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}, "
               f"offload_params {mem.offload_params}, attention {recipe.model.attention}")

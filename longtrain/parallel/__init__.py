@@ -30,6 +30,7 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
           backend: str = "fsdp2",
           zero_stage: int = 3, offload_params: bool = False, offload_optimizer: bool = False,
           grad_clip: float = 0.0, sharded_one_process: bool = False, gpu_checkpoint_layers: int = 0,
+          checkpoint_stride: int = 1,
           optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
     """Apply context parallelism, memory tricks, compilation and sharding to `model`, in that order.
 
@@ -41,7 +42,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         attention_backend: per-rank attention backend name (kernels.attention.get_attention_backend).
         param_dtype, reduce_dtype: FSDP2 compute and gradient-reduction dtypes (DeepSpeed: param_dtype).
         ac_mode: activation checkpointing: none | selective | full; offload_activations: offload them;
-            gpu_checkpoint_layers: the last this-many offloaded checkpoints stay on the GPU.
+            gpu_checkpoint_layers: the last this-many offloaded checkpoints stay on the GPU; checkpoint_stride:
+            one stored checkpoint per this many layers (apply_ac stride).
         tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling.
         fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (kernels.apply_fused_kernels;
             CUDA, or CPU under TRITON_INTERPRET=1).
@@ -95,7 +97,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
     if ac_mode != "none" or offload_activations:
         from longtrain.parallel.activation_checkpoint import apply_ac
 
-        apply_ac(model, ac_mode, offload=offload_activations, gpu_layers=gpu_checkpoint_layers)
+        apply_ac(model, ac_mode, offload=offload_activations, gpu_layers=gpu_checkpoint_layers,
+                 stride=checkpoint_stride)
 
     # 4. Compile per block: after AC (compile traces through the checkpoint), before sharding
     #    (FSDP2's hooks stay outside the compiled region, as in torchtitan).

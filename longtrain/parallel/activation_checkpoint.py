@@ -104,6 +104,14 @@ def _policy(save_ops: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in save_ops else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _budget_then(offloader: ActivationOffloader, n_stored: int, fn, *args) -> Tensor:
+    x, cos = args[-4], args[-3]
+    if torch.is_grad_enabled():
+        needed = n_stored * x.numel() * x.element_size() + 2 * cos.numel() * cos.element_size()
+        offloader.check(needed, f"{n_stored} stored block inputs of shape {tuple(x.shape)} {x.dtype} + RoPE cos/sin")
+    return fn(*args)
+
+
 def _full(orig, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:
     return checkpoint(orig, x, cos, sin, mask, use_reentrant=False)
 
@@ -127,9 +135,76 @@ def _offloaded(orig, offloader: ActivationOffloader, mode: str, n_layers: int, i
         return orig(x, cos, sin, mask)
 
 
+class _Group:
+    """Blocks that share one stored checkpoint: the leader's input (checkpoint_stride)."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+        self.leader_input: Tensor | None = None
+
+
+def _gathered(block: nn.Module):
+    """The block's FSDP2 parameters unsharded for a forward outside its own hooks (a no-op when unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(block, FSDPModule):
+        block.unshard()
+        return block.reshard
+    return lambda: None
+
+
+class _FromLeader(torch.autograd.Function):
+    """A block's full checkpoint that keeps its group leader's input instead of its own.
+
+    Forward runs the block without a graph and saves the leader's input (already saved by the leader, so the
+    offloader's dedup stores it once). Backward first re-runs the blocks from the leader up to this one,
+    without a graph, to get this block's input back, then recomputes the block with a graph and
+    back-propagates through it: one extra forward of the blocks before it in the group, for 1/stride of the
+    checkpoint memory (host RAM when offloaded).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, leader_x: Tensor, cos: Tensor, sin: Tensor, mask, before: list, fn) -> Tensor:
+        ctx.save_for_backward(leader_x, cos, sin)
+        ctx.mask, ctx.before, ctx.fn = mask, before, fn
+        with torch.no_grad():
+            return fn(x, cos, sin, mask)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        leader_x, cos, sin = ctx.saved_tensors
+        x = leader_x
+        with torch.no_grad():
+            for block, fn in ctx.before:  # the group's earlier blocks, parameters gathered one at a time
+                done = _gathered(block)
+                x = fn(x, cos, sin, ctx.mask)
+                done()
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = ctx.fn(x, cos, sin, ctx.mask)
+        torch.autograd.backward(y, dy)
+        return x.grad, None, None, None, None, None, None
+
+
+def _member(orig, group: _Group, index: int, offloader: ActivationOffloader | None, x: Tensor, cos: Tensor,
+            sin: Tensor, mask) -> Tensor:
+    if index == 0:  # the leader: a normal (offloaded) full checkpoint, whose input the members reuse
+        group.leader_input = x
+        if offloader is None:
+            return _full(orig, x, cos, sin, mask)
+        return _offloaded(orig, offloader, "full", 1, False, x, cos, sin, mask)
+    if not torch.is_grad_enabled():
+        return orig(x, cos, sin, mask)
+    before = [(b, b._ac_orig) for b in group.blocks[:index]]
+    if offloader is None:
+        return _FromLeader.apply(x, group.leader_input, cos, sin, mask, before, orig)
+    with offloader.hooks():
+        return _FromLeader.apply(x, group.leader_input, cos, sin, mask, before, orig)
+
+
 def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_bytes: int | None = None,
              save_ops: set | None = None, offload_min_bytes: int = 1 << 20, seq_tile: int | None = None,
-             gpu_layers: int = 0) -> ActivationOffloader | None:
+             gpu_layers: int = 0, stride: int = 1) -> ActivationOffloader | None:
     """Checkpoint (and optionally offload) the activations of every block of `model`.
 
     Args:
@@ -144,6 +219,9 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         gpu_layers: with offload and full checkpointing, the last `gpu_layers` blocks keep their checkpoint on
             the GPU (a budget split: the host holds the rest). The last blocks are the first the backward
             needs, so they are the ones not to fetch back.
+        stride: with full checkpointing, one checkpoint per `stride` blocks (of those offloaded, or of all
+            without offload): the other blocks of a group re-run the blocks before them from the group's
+            stored input in backward (_FromLeader). 1: every block keeps its own. FSDP2 or unsharded only.
 
     Returns:
         The ActivationOffloader when offload is on (its `peak_bytes` reports host usage), else None.
@@ -172,8 +250,12 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
                          f"host; it needs mode 'full' with offload")
     if not 0 <= gpu_layers <= len(layers):
         raise ValueError(f"apply_ac: gpu_layers must be in 0..{len(layers)} (the model's layers), got {gpu_layers}")
+    if stride < 1 or (stride > 1 and mode != "full"):
+        raise ValueError(f"apply_ac: stride={stride}: one checkpoint per `stride` blocks needs mode 'full' and "
+                         f"stride >= 1")
     offloader = ActivationOffloader(host_budget_bytes, offload_min_bytes) if offload else None
-    n_offloaded = len(layers) - gpu_layers
+    n_offloaded = len(layers) - gpu_layers if offload else len(layers)
+    groups = [_Group(list(layers[g:min(g + stride, n_offloaded)])) for g in range(0, n_offloaded, stride)]
     context_fn = None
     if mode == "selective":
         ops = frozenset(attention_ops() | set(save_ops or ()))
@@ -184,7 +266,13 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         orig = block._unwrapped_forward
         if seq_tile is not None:
             orig = functools.partial(_tiled_block_forward, block, seq_tile)
-        if offloader is not None and i < n_offloaded:
+        block._ac_orig = orig  # what a group's later blocks re-run of this one (stride > 1)
+        if stride > 1 and i < n_offloaded:
+            if i == 0 and offloader is not None:  # fail early: every group's stored input + RoPE cos/sin
+                fn = functools.partial(_budget_then, offloader, len(groups), _member, orig, groups[0], 0, offloader)
+            else:
+                fn = functools.partial(_member, orig, groups[i // stride], i % stride, offloader)
+        elif offloader is not None and i < n_offloaded:
             fn = functools.partial(_offloaded, orig, offloader, mode, n_offloaded, i == 0)
         elif mode == "full":  # also the last gpu_layers blocks of an offloaded model
             fn = functools.partial(_full, orig)

@@ -177,6 +177,7 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
                          offload_optimizer=memory.offload_optimizer, grad_clip=train0.grad_clip,
                          sharded_one_process=layout.sharded and info.world_size == 1,
                          gpu_checkpoint_layers=memory.gpu_checkpoint_layers,
+                         checkpoint_stride=memory.checkpoint_stride,
                          optimizer_factory=make_optimizer if backend == "deepspeed" else None)
     if backend == "deepspeed":
         return DeepSpeedEngine(out, model)

@@ -49,6 +49,9 @@ def _two_ranks(rank: int, world: int, tmp: str, out: str) -> None:
     torch.set_num_threads(1)
     runs = {"fsdp2": ["parallel.dp_shard=2"],
             "fsdp2_offload": ["parallel.dp_shard=2", "memory.offload_params=true"],
+            # everything on the host that can be: states, and one checkpoint per 2 layers (the debug model has 2)
+            "fsdp2_offload_all": ["parallel.dp_shard=2", "memory.offload_params=true", "memory.activation_checkpoint=full",
+                                  "memory.offload_activations=true", "memory.checkpoint_stride=2"],
             "zero3": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.backend=deepspeed"],
             "zero3_offload": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.backend=deepspeed",
                               "memory.offload_params=true", "memory.offload_optimizer=true"]}
@@ -67,4 +70,5 @@ def test_offload_on_two_ranks_matches_no_offload(tmp_path):
     run_ranks(_two_ranks, 2, str(tmp_path), str(out))
     c = json.loads(out.read_text())
     assert c["fsdp2_offload"] == pytest.approx(c["fsdp2"], rel=OFFLOAD_RTOL)
+    assert c["fsdp2_offload_all"] == pytest.approx(c["fsdp2"], rel=OFFLOAD_RTOL)
     assert c["zero3_offload"] == pytest.approx(c["zero3"], rel=OFFLOAD_RTOL)

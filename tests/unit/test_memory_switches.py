@@ -197,6 +197,24 @@ def test_gpu_checkpoint_layers_split_the_offload(data) -> None:
         apply_ac(tiny_model(), "full", offload=False, gpu_layers=1)
 
 
+@pytest.mark.parametrize("offload,gpu_layers", [(False, 0), (True, 0), (True, 1)])
+def test_checkpoint_stride_keeps_one_input_per_group(data, offload: bool, gpu_layers: int) -> None:
+    """stride 2: the second block of each pair re-runs the first from the pair's stored input in backward; the
+    gradients are the plain model's and the host holds one block input per pair (dedup of the shared input)."""
+    ids, labels = data
+    model = tiny_model(n_layers=5)
+    plain = loss_and_grads(model, ids, labels)
+    offloader = apply_ac(model, "full", offload=offload, offload_min_bytes=0, gpu_layers=gpu_layers, stride=2)
+    assert_same(plain, loss_and_grads(model, ids, labels))
+    if offload:
+        block_input = ids.numel() * model.args.dim * 4  # fp32 (bs, seq, dim)
+        pairs = -(-(5 - gpu_layers) // 2)
+        cos_sin = offloader.peak_bytes - pairs * block_input
+        assert 0 <= cos_sin < block_input, (offloader.peak_bytes, pairs)
+    with pytest.raises(ValueError, match="needs mode 'full'"):
+        apply_ac(tiny_model(), "selective", stride=2)
+
+
 @pytest.mark.parametrize("mode,offload", [("none", False), ("full", False), ("full", True), ("selective", False)])
 def test_seq_tiled_blocks_match_plain(data, mode: str, offload: bool) -> None:
     # qk-norm and q/k/v biases (Qwen3 / Qwen2 shapes): the tiled block must call every submodule the block does.
