@@ -32,7 +32,7 @@ run() {  # name, overrides...
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
 short="stages.0.seq_len=65536 stages.0.steps=2 memory.offload_activations=false memory.gpu_checkpoint_layers=0 \
   memory.checkpoint_stride=1"
-run 64k-on-gpu $short memory.offload_params=false memory.master_dtype=auto
-run 64k-offload $short
 run long-offload "$@"
+run 64k-offload $short
+run 64k-on-gpu $short memory.offload_params=false memory.master_dtype=auto
 echo "=== done $(date -u +%H:%M:%S)"
