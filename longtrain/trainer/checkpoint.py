@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -155,6 +156,88 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(ckpt: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((Path(ckpt) / "meta.json").read_text()))
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint marked complete whose files are missing, truncated or unreadable."""
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """What is wrong with the files of a checkpoint marked complete, or None when they are intact.
+
+    A disk that filled up, a copy cut short or a bad sector leave a folder that holds COMPLETE and still cannot
+    be loaded (issue 20). Checked: meta.json parses, recipe.yaml parses, every rank file loads, the DCP index
+    loads and every shard holds the bytes the index points at (a truncated shard is shorter than its index says).
+    """
+    ckpt = Path(ckpt)
+    meta_path = ckpt / "meta.json"
+    try:
+        meta = read_meta(ckpt)
+    except FileNotFoundError:
+        return f"{meta_path} is missing"
+    except (ValueError, TypeError) as e:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+        return f"{meta_path} is damaged (not the expected JSON: {e})"
+    if (ckpt / "recipe.yaml").is_file():
+        try:
+            yaml.safe_load((ckpt / "recipe.yaml").read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return f"{ckpt / 'recipe.yaml'} is damaged (not valid YAML: {str(e).splitlines()[0]})"
+    for rank in range(meta.world_size):
+        rank_file = ckpt / f"rank-{rank:05d}.pt"
+        if not rank_file.is_file():
+            return f"{rank_file} is missing (the checkpoint was saved by {meta.world_size} ranks)"
+        try:
+            torch.load(rank_file, weights_only=False)
+        except Exception as e:  # a truncated zip, a bad pickle: anything torch.load raises
+            return f"{rank_file} cannot be read, it is truncated or damaged ({type(e).__name__}: {e})"
+    return _dcp_problem(ckpt / "dcp")
+
+
+def _dcp_problem(dcp_dir: Path) -> str | None:
+    try:
+        md = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    except Exception as e:
+        return f"{dcp_dir / '.metadata'} cannot be read, it is missing, truncated or damaged ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        shard = dcp_dir / rel
+        if not shard.is_file():
+            return f"{shard} is missing (the index {dcp_dir / '.metadata'} refers to it)"
+        have = shard.stat().st_size
+        if have < size:
+            return f"{shard} is truncated: {have:,} bytes, its index says at least {size:,}"
+    return None
+
+
+def newest_intact(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under `root` whose files are intact, and the damaged newer ones
+    (each with what is wrong), newest first."""
+    damaged = []
+    for ckpt in reversed(complete_checkpoints(root)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    return None, damaged
+
+
+def verified_checkpoint(path: str | Path) -> Path:
+    """resolve_checkpoint, then check its files (export, eval, an explicit train.resume path).
+
+    Raises:
+        ValueError: nothing complete there (resolve_checkpoint).
+        CheckpointDamaged: its files are damaged; the message names the file and the newest intact checkpoint.
+    """
+    ckpt = resolve_checkpoint(path)
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    intact, _ = newest_intact(ckpt.parent)
+    alt = (f"the newest intact checkpoint there is {intact}; use it instead" if intact is not None
+           else f"no intact checkpoint is left in {ckpt.parent}")
+    raise CheckpointDamaged(f"checkpoint {ckpt} is damaged: {problem}. {alt[0].upper() + alt[1:]}.")
 
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

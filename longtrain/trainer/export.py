@@ -11,7 +11,7 @@ import torch
 from longtrain.config import LoraConfig
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
-from longtrain.trainer.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from longtrain.trainer.checkpoint import load_model_weights, read_meta, verified_checkpoint
 from longtrain.trainer.lora import apply_lora, merge_lora
 
 
@@ -21,7 +21,7 @@ def load_checkpoint_model(ckpt: str | Path) -> Transformer:
     Raises:
         ValueError: no complete checkpoint at `ckpt`.
     """
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = verified_checkpoint(ckpt)
     meta = read_meta(ckpt)
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in meta.model_args.items() if k in known})
@@ -55,7 +55,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype 
     from longtrain.data.tokenizer import load_tokenizer
     from longtrain.model.hf import save_hf
 
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = verified_checkpoint(ckpt)
     meta = read_meta(ckpt)
     model = load_checkpoint_model(ckpt)
     with tempfile.TemporaryDirectory() as tok_dir:

@@ -30,12 +30,13 @@ from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
 from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.trainer import build
-from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint, save_checkpoint
-from longtrain.trainer.checkpoint import complete_checkpoints
+from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
+from longtrain.trainer.checkpoint import verified_checkpoint
 from longtrain.trainer.data import BatchSource, build_batch_source
-from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
+from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
 from longtrain.trainer.metrics import MetricsLogger, memory_gib
 from longtrain.trainer.optim import build_optimizer, build_scheduler
+from longtrain.trainer.resume import ResumePlan, continue_stage, plan_resume, read_saved_recipe
 
 
 class TrainingError(RuntimeError):
@@ -180,9 +181,11 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                           "pip install 'longtrain[wandb]' (or remove logging.wandb)")
     info = info or init_distributed()
     run_dir = Path(recipe.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    # Before anything is built: which checkpoint (the newest intact one), and whether this recipe may resume it.
+    resume_from, plan, warnings_text = _resume_plan(recipe, ckpt_root, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(run_dir / "recipe.yaml")
     recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     seed_everything(recipe.train.seed + info.rank)
     if info.device.type == "cpu":
@@ -196,23 +199,26 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     from longtrain.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.tokenizer)
-    ckpt_root = run_dir / "checkpoints"
 
     step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
-    resume_from = _resume_path(recipe, ckpt_root)
     if resume_from is not None:
         # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
-        from longtrain.trainer.checkpoint import read_meta
-
-        meta0 = read_meta(resume_from)
-        _set_stage_rope(model, recipe, min(meta0.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
+        _set_stage_rope(model, recipe, min(plan.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
         meta, rank_state = load_checkpoint(resume_from, model, optimizer, info.rank)
-        step, start_stage, start_stage_step = meta.step, meta.stage, meta.stage_step
+        step, start_stage, start_stage_step = meta.step, plan.stage, plan.stage_step
         bad_steps = rank_state["bad_steps"]
+    if info.is_main:  # only a run that starts records its recipe (a refused resume leaves the old one)
+        recipe.save(run_dir / "recipe.yaml")
     total_steps = sum(s.steps for s in recipe.stages)
     logger = MetricsLogger(run_dir, recipe.logging, recipe.name, recipe.to_dict(), total_steps, step, info.is_main)
+    for text in warnings_text:
+        logger.write(text)
     if resume_from is not None:
-        logger.write(f"resumed from {resume_from} at step {step} (stage {start_stage})")
+        where = (f"stage {recipe.stages[start_stage].name!r}" if start_stage < len(recipe.stages)
+                 else "every stage is done")
+        logger.write(f"resumed from {resume_from} at step {step} ({where})")
+        for line in plan.changes:
+            logger.write(f"recipe changed since the checkpoint, applied from step {step + 1}: {line}")
     result = TrainResult(run_dir, step, bad_steps=bad_steps)
     preempt = _Preemption(info.device)
     preempt.install()
@@ -228,14 +234,11 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
             source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
                                         layout.dp_rank, layout.dp_size)
             scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
-            stage_step = 0
-            if rank_state is not None and si == start_stage and rank_state["data"] is not None:
-                source.load_state_dict(rank_state["data"])
-                scheduler.load_state_dict(rank_state["scheduler"])
-                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                    group["lr"] = lr  # building the scheduler reset the lr to step 0's
-                stage_step = start_stage_step
             n_micro = micro_batches_per_step(stage, layout.dp_size)
+            stage_step = 0
+            if rank_state is not None and si == start_stage and start_stage_step > 0:
+                stage_step = continue_stage(source, scheduler, optimizer, rank_state, start_stage_step, n_micro,
+                                            logger)
             fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
             ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger)
             while stage_step < stage.steps:
@@ -347,15 +350,42 @@ def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_po
         model.set_rope(rope, max_pos)
 
 
-def _resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
+def _resume_plan(recipe: Recipe, ckpt_root: Path, info: DistInfo) -> tuple[Path | None, ResumePlan | None, list[str]]:
+    """The checkpoint to resume (train.resume), where to continue, and warnings about damaged checkpoints passed over.
+
+    Rank 0 decides and tells the others (one file-system view, one decision); every rank raises the same
+    ResumeError / CheckpointDamaged, so the user sees one message and no collective is left waiting.
+    """
+    def decide():
+        try:
+            return _decide_resume(recipe, ckpt_root, info.world_size)
+        except ValueError as e:  # ResumeError, CheckpointDamaged, a bad path: user errors
+            return e
+
+    decided = broadcast_object(decide() if info.is_main else None)
+    if isinstance(decided, Exception):
+        raise decided
+    return decided
+
+
+def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
+    notes: list[str] = []
     match recipe.train.resume:
         case "never":
-            return None
+            return None, None, notes
         case "auto":
-            found = complete_checkpoints(ckpt_root)
-            return found[-1] if found else None
+            ckpt, damaged = newest_intact(ckpt_root)
+            for bad, problem in damaged:
+                notes.append(f"warning: checkpoint {bad} is damaged and is skipped: {problem}")
+            if damaged:
+                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint" if ckpt is not None
+                             else f"warning: no intact checkpoint is left in {ckpt_root}: starting from step 0")
+            if ckpt is None:
+                return None, None, notes
         case path:
-            return resolve_checkpoint(path)
+            ckpt = verified_checkpoint(path)
+    meta = read_meta(ckpt)
+    return ckpt, plan_resume(read_saved_recipe(ckpt), recipe, meta, ckpt, world_size), notes
 
 
 def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
@@ -369,6 +399,8 @@ def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info
                           tokenizer=recipe.model.tokenizer, world_size=info.world_size)
     done_stage = next_step == 0
     rank_state = {"data": None if done_stage else source.state_dict(),
-                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps}
+                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps,
+                  # the finished stage's loader position: more steps for it (a raised stages.N.steps) continue there
+                  "stage_end": {"data": source.state_dict()} if done_stage else None}
     save_checkpoint(ckpt_root, meta, model, optimizer, rank_state, info.rank, recipe_yaml,
                     recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)
