@@ -158,6 +158,42 @@ def read_meta(ckpt: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((Path(ckpt) / "meta.json").read_text()))
 
 
+class CheckpointMismatch(ValueError):
+    """The checkpoint holds another model than the one built (other tensors or shapes)."""
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def check_model_keys(ckpt: Path, model_sd: dict, meta: CheckpointMeta) -> None:
+    """The model's tensors against the checkpoint's index, in one sentence (instead of DCP's per-key
+    `Missing key in checkpoint state_dict`, raised deep inside a collective load on every rank).
+
+    Raises:
+        CheckpointMismatch: tensors missing on either side or of another shape.
+    """
+    md = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata()
+    saved = {k[len("model."):]: v for k, v in md.state_dict_metadata.items() if k.startswith("model.")}
+    missing = sorted(k for k in model_sd if k not in saved)
+    extra = sorted(k for k in saved if k not in model_sd)
+    shapes = sorted(f"{k} (checkpoint {tuple(saved[k].size)}, model {tuple(v.shape)})" for k, v in model_sd.items()
+                    if k in saved and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape))
+    if not (missing or extra or shapes):
+        return
+    parts = ([f"{len(missing)} of the model's tensors are not in it ({_some(missing)})"] if missing else []) \
+        + ([f"it holds {len(extra)} tensors the model lacks ({_some(extra)})"] if extra else []) \
+        + ([f"{len(shapes)} differ in shape ({_some(shapes, 2)})"] if shapes else [])
+    shape_keys = ("architecture", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "intermediate_size")
+    saved_args = ", ".join(f"{k}={meta.model_args[k]}" for k in shape_keys if k in meta.model_args)
+    raise CheckpointMismatch(
+        f"checkpoint {ckpt} holds another model than the one built: {'; '.join(parts)}. It was saved from a "
+        f"model with {saved_args}{' with LoRA ' + str(meta.lora) if meta.lora else ''}; build that model (the checkpoint's "
+        f"recipe.yaml has its model section) or resume from a checkpoint of this model.")
+
+
 class CheckpointDamaged(ValueError):
     """A checkpoint marked complete whose files are missing, truncated or unreadable."""
 
@@ -256,6 +292,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise ValueError(f"{ckpt} was saved by {meta.world_size} ranks and holds no state for rank {rank}; "
                          f"resume with the same world size")
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_model_keys(ckpt, model_sd, meta)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp(dcp.load, state, ckpt / "dcp")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -268,6 +305,7 @@ def load_model_weights(ckpt: str | Path, model: torch.nn.Module) -> CheckpointMe
     """Load only the model weights of a checkpoint (export, eval), in one process."""
     ckpt = resolve_checkpoint(ckpt)
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
+    check_model_keys(ckpt, state["model"], read_meta(ckpt))
     _dcp(dcp.load, state, ckpt / "dcp")
     set_model_state_dict(model, state["model"])
     return read_meta(ckpt)

@@ -184,6 +184,13 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     ckpt_root = run_dir / "checkpoints"
     # Before anything is built: which checkpoint (the newest intact one), and whether this recipe may resume it.
     resume_from, plan, warnings_text = _resume_plan(recipe, ckpt_root, info)
+    from longtrain.data.tokenizer import load_tokenizer
+    from longtrain.trainer.checks import check_vocab, cpu_thread_warning
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    check_vocab(tokenizer, recipe.model.model_args(), recipe.source)  # before any text is tokenized
+    if info.device.type == "cpu" and (note := cpu_thread_warning()) is not None:
+        warnings_text.append(note)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
@@ -196,10 +203,6 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     model = build.build_model(recipe, info, layout)
     base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
     optimizer = build_optimizer(model.parameters(), recipe.stages[0].train.optimizer, info.device)
-    from longtrain.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model.tokenizer)
-
     step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
     if resume_from is not None:
         # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.

@@ -128,3 +128,42 @@ def test_a_copy_of_a_checkpoint_is_intact(tmp_path):
     shutil.copytree(ckpt, copy)
     (copy / "dcp" / ".metadata").write_bytes(b"")
     assert "cannot be read" in checkpoint_problem(copy)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_fails_before_tokenizing(tmp_path):
+    with pytest.raises(ValueError, match=r"the tokenizer builtin has 512 ids but the model's embedding has 300 rows "
+                                         r"\(vocab_size\), so ids 300..511 would index past it\. .*"
+                                         r"model.overrides.vocab_size to at least 512"):
+        train(recipe(tmp_path, "model.overrides.vocab_size=300"))
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_another_model_against_a_checkpoint_is_one_sentence(tmp_path):
+    import torch
+
+    from longtrain.model.args import model_flavor
+    from longtrain.model.decoder import Transformer
+    from longtrain.trainer.checkpoint import CheckpointMismatch, load_model_weights
+
+    train(recipe(tmp_path, steps=1))
+    ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    other = Transformer(model_flavor("debug", n_layers=2, dim=32, head_dim=8))
+    with pytest.raises(CheckpointMismatch) as e:
+        load_model_weights(ckpt, other)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {ckpt} holds another model than the one built: ")
+    assert "of the model's tensors are not in it (layers.1." in msg
+    assert "differ in shape (" in msg and "embed_tokens.weight (checkpoint (512, 64), model (512, 32))" in msg
+    assert torch.isfinite(other.embed_tokens.weight).all()  # nothing was loaded half-way
+
+
+def test_oversubscription_warning_names_the_setting():
+    from longtrain.trainer.checks import oversubscription_warning
+
+    assert oversubscription_warning(1, 2, 2, load=0.0) is None
+    assert oversubscription_warning(2, 1, 2, load=1.0) is None  # one thread each: nothing to set
+    msg = oversubscription_warning(2, 4, 4)
+    assert msg == ("warning: 2 process(es) x 4 torch threads = 8 threads on 4 CPU core(s): oversubscribed cores "
+                   "can make training many times slower. Set OMP_NUM_THREADS=2 (torchrun sets 1 when it starts "
+                   "several processes and it is unset).")
+    assert "while other work keeps 1.0 of them busy" in oversubscription_warning(1, 2, 2, load=1.0)
