@@ -167,3 +167,16 @@ def test_oversubscription_warning_names_the_setting():
                    "can make training many times slower. Set OMP_NUM_THREADS=2 (torchrun sets 1 when it starts "
                    "several processes and it is unset).")
     assert "while other work keeps 1.0 of them busy" in oversubscription_warning(1, 2, 2, load=1.0)
+
+
+def test_cli_prints_a_refused_resume_as_one_paragraph_and_exits_2(tmp_path, capsys):
+    import yaml
+
+    from longtrain.cli import main
+
+    train(recipe(tmp_path, "train.stop_after_steps=1"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())))
+    assert main(["train", str(path), f"stages.0.seq_len={2 * SEQ}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the recipe no longer matches the checkpoint it resumes") and err.count("\n") == 1
