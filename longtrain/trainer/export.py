@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,5 +63,11 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype 
         tok_src = None
         if meta.tokenizer is not None:
             load_tokenizer(meta.tokenizer).save(tok_dir)
+            tok_src = tok_dir
+        # The Hugging Face directory the run started from carries generation defaults (eos ids, sampling): they
+        # travel with the export (docs/export.md), also when the tokenizer is rewritten from its own files.
+        src = meta.model_args.get("source_dir")
+        if src and (Path(src) / "generation_config.json").is_file():
+            shutil.copy2(Path(src) / "generation_config.json", Path(tok_dir) / "generation_config.json")
             tok_src = tok_dir
         return save_hf(model, out_dir, dtype=dtype, tokenizer_dir=tok_src, overwrite=overwrite)
