@@ -277,7 +277,7 @@ def verified_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank: int) -> tuple[CheckpointMeta, dict[str, Any]]:
+                    rank: int, any_rank: bool = False) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Load model, optimizer and this rank's state (RNGs restored) from a complete checkpoint (collective).
 
     Returns:
@@ -288,6 +288,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.o
     ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
     rank_file = ckpt / f"rank-{rank:05d}.pt"
+    if any_rank and not rank_file.is_file():  # another layout: RNGs and counters of rank 0, data remapped after
+        rank_file = ckpt / "rank-00000.pt"
     if not rank_file.is_file():
         raise ValueError(f"{ckpt} was saved by {meta.world_size} ranks and holds no state for rank {rank}; "
                          f"resume with the same world size")

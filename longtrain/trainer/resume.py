@@ -4,8 +4,10 @@ PITFALLS.md: "A recipe edited between runs must never be applied silently or ign
 Three kinds of change (issue 20):
     - optimizer / schedule / memory / eval / logging values: applied from the resume step, one line each
       (old -> new); the learning rate follows the new schedule at the step the stage is at;
-    - structural ones (model, tokenizer, seq_len, data, rope or batch shape of a stage that already ran, the
-      parallel layout, fewer stages): one paragraph that says what differs and how to go on (ResumeError);
+    - structural ones (model, tokenizer, seq_len, data, rope or micro-batch of a stage that already ran, a global
+      batch that the new layout would change, fewer stages): one paragraph that says what differs and how to go
+      on (ResumeError);
+    - another layout (world size, dp, cp): one line; DCP reshards, data_layout.py keeps the data's layout;
     - more steps on the stage that just finished: the stage is reopened and the extra steps are trained.
 Stages that have not started yet may change freely (each change is still named).
 """
@@ -28,10 +30,10 @@ RUN_CONTROL = ("run_dir", "train.resume", "train.stop_after_steps", "train.debug
 STAGE_TEMPLATES = ("data", "memory", "eval")
 TRAIN_RUN_WIDE = ("train.seed",)
 # Inside a stage that already ran, these define what it trained on: changing them rewrites history.
-STAGE_STRUCTURAL = ("seq_len", "data", "rope", "max_position_embeddings", "train.micro_batch",
-                    "train.global_batch_tokens")
+STAGE_STRUCTURAL = ("seq_len", "data", "rope", "max_position_embeddings", "train.micro_batch")
 MODEL_STRUCTURAL = ("model.path", "model.flavor", "model.overrides", "model.tokenizer", "model.lora")
-LAYOUT_STRUCTURAL = ("parallel.cp", "parallel.dp_shard", "parallel.dp_replicate")
+# The layout may change (data_layout.py keeps the data's): reported in one line of its own.
+LAYOUT_KEYS = ("parallel.cp", "parallel.dp_shard", "parallel.dp_replicate")
 
 
 class ResumeError(ValueError):
@@ -44,6 +46,8 @@ class ResumePlan:
     stage_step: int  # steps already done in it
     changes: list[str] = field(default_factory=list)  # one line per applied change, old -> new
     reopened: bool = False  # a finished stage got more steps: continue it from its end
+    data_dp: int = 1  # data-parallel loaders of the run's data layout (data_layout.py)
+    relayout: bool = False  # world size, dp or cp differ from the checkpoint's: per-rank state is remapped
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -84,22 +88,27 @@ def read_saved_recipe(ckpt: Path) -> dict | None:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
-def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Path,
-                world_size: int) -> ResumePlan:
-    """Compare the checkpoint's recipe with `recipe`; decide where to continue.
+def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Path, world_size: int,
+                saved_data_dp: int | None = None) -> ResumePlan:
+    """Compare the checkpoint's recipe with `recipe`; decide where to continue and how the layout maps.
 
+    Args:
+        saved_data_dp: the data layout the checkpoint's rank files record (None: older checkpoints, derived
+            from the saved recipe's layout).
     Raises:
         ResumeError: a structural change, with what differs and how to start fresh or keep the old value.
     """
     where = f"{ckpt} (step {meta.step})"
-    if meta.world_size != world_size:
-        raise ResumeError(
-            f"{where} was saved by {meta.world_size} process(es) and this run has {world_size}: the data-loader "
-            f"position and RNGs are saved per rank, so the run must resume with {meta.world_size} process(es) "
-            f"(torchrun --nproc-per-node {meta.world_size} ...). To start over on {world_size} process(es) instead, "
-            f"use another run_dir or train.resume=never.")
     plan = ResumePlan(meta.stage, meta.stage_step)
+    old_cp = (old or {}).get("parallel", {}).get("cp", recipe.parallel.cp)
+    plan.data_dp = saved_data_dp or max(1, meta.world_size // old_cp)
+    old_layout = (meta.world_size, meta.world_size // old_cp, old_cp)
+    new_layout = (world_size, world_size // recipe.parallel.cp, recipe.parallel.cp)
+    plan.relayout = old_layout != new_layout
     if old is None:  # a checkpoint written before recipes were saved with it: nothing to compare
+        if plan.relayout:
+            raise ResumeError(f"{where} holds no recipe.yaml, so its layout is unknown; resume it with "
+                              f"{meta.world_size} process(es) and the same parallel section")
         return plan
     new = recipe.to_dict()
     diff = _diff(old, new)
@@ -115,8 +124,10 @@ def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Pa
         if _under(key, RUN_CONTROL) or (_under(key, ("train",)) and not _under(key, TRAIN_RUN_WIDE)) \
                 or _under(key, STAGE_TEMPLATES):
             continue
-        if _under(key, MODEL_STRUCTURAL) or _under(key, LAYOUT_STRUCTURAL):
+        if _under(key, MODEL_STRUCTURAL):
             structural.append(f"`{key}` was {a!r}, is now {b!r}")
+            continue
+        if _under(key, LAYOUT_KEYS):
             continue
         sk = _stage_key(key)
         if sk is None:
@@ -124,6 +135,8 @@ def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Pa
             continue
         si, sub = sk
         if _under(sub, RUN_CONTROL + TRAIN_RUN_WIDE):  # stage copies of run-wide keys (reported at the top)
+            continue
+        if sub == "train.global_batch_tokens" and si < started:  # what counts is the global batch: below
             continue
         if si < started and _under(sub, STAGE_STRUCTURAL):
             structural.append(f"`stages.{si}.{sub}` (stage {old_stages[si]['name']!r}, already trained) was "
@@ -135,6 +148,8 @@ def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Pa
             by_change.setdefault((sub, repr(a), repr(b)), []).append(name)
     for (sub, a, b), names in by_change.items():
         lines.append(f"{sub}: {a} -> {b} (stage{'s' if len(names) > 1 else ''} {', '.join(names)})")
+    if plan.relayout:
+        _layout_change(plan, old_stages, recipe, old_layout, new_layout, structural, lines)
     if structural:
         raise ResumeError(
             f"the recipe no longer matches the checkpoint it resumes, {where}: " + "; ".join(structural) + ". "
@@ -144,6 +159,29 @@ def plan_resume(old: dict | None, recipe: Recipe, meta: CheckpointMeta, ckpt: Pa
             f"weights with a new recipe, export the checkpoint (longtrain export {ckpt} DIR) and set model.path=DIR.")
     plan.changes = lines
     return plan
+
+
+def _layout_change(plan: ResumePlan, old_stages: list[dict], recipe: Recipe, old_layout: tuple, new_layout: tuple,
+                   structural: list[str], lines: list[str]) -> None:
+    """World size / dp / cp changed: DCP reshards model and optimizer, data_layout.py keeps the data's layout.
+    The step in progress must keep its global batch (else the run would not continue the same way)."""
+    (ow, odp, ocp), (nw, ndp, ncp) = old_layout, new_layout
+    si = plan.stage
+    if si < min(len(old_stages), len(recipe.stages)):
+        st_old, st_new = old_stages[si], recipe.stages[si]
+        gbt_old = st_old["train"]["global_batch_tokens"]
+        seqs_old = gbt_old // st_old["seq_len"] if gbt_old else odp * st_old["train"]["micro_batch"]
+        gbt_new = st_new.train.global_batch_tokens
+        seqs_new = gbt_new // st_new.seq_len if gbt_new else ndp * st_new.train.micro_batch
+        if seqs_old != seqs_new:
+            structural.append(
+                f"a step of stage {st_new.name!r} held {seqs_old} sequence(s) on the checkpoint's layout and would "
+                f"hold {seqs_new} on this one (train.global_batch_tokens={gbt_new}"
+                f"{': one micro-batch per data-parallel rank' if not gbt_new else ''}); set "
+                f"train.global_batch_tokens={seqs_old * st_old['seq_len']} to keep the global batch")
+    lines.append(f"parallel layout: world {ow} (dp {odp}, cp {ocp}) -> world {nw} (dp {ndp}, cp {ncp}): model and "
+                 f"optimizer are resharded; the data is read through the run's original layout of {plan.data_dp} "
+                 f"loader(s) and split over {ndp} data-parallel rank(s), so no sequence is skipped or repeated")
 
 
 def _steps_change(plan: ResumePlan, si: int, a: Any, b: Any, meta: CheckpointMeta, old_stages: list[dict],

@@ -32,7 +32,8 @@ from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.trainer import build
 from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
 from longtrain.trainer.checkpoint import verified_checkpoint
-from longtrain.trainer.data import BatchSource, build_batch_source
+from longtrain.trainer.data import BatchSource
+from longtrain.trainer.data_layout import build_stage_source, remap_rank_state
 from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
 from longtrain.trainer.metrics import MetricsLogger, memory_gib
 from longtrain.trainer.optim import build_optimizer, build_scheduler
@@ -204,10 +205,13 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
     optimizer = build_optimizer(model.parameters(), recipe.stages[0].train.optimizer, info.device)
     step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
+    data_dp = plan.data_dp if plan is not None else layout.dp_size  # the run's data layout, kept for good
     if resume_from is not None:
         # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
         _set_stage_rope(model, recipe, min(plan.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
-        meta, rank_state = load_checkpoint(resume_from, model, optimizer, info.rank)
+        meta, rank_state = load_checkpoint(resume_from, model, optimizer, info.rank, any_rank=plan.relayout)
+        if plan.relayout:  # each rank's loader state from the ranks that held its data (data_layout.py)
+            remap_rank_state(rank_state, resume_from, meta.world_size, layout.dp_rank, layout.dp_size)
         step, start_stage, start_stage_step = meta.step, plan.stage, plan.stage_step
         bad_steps = rank_state["bad_steps"]
     if info.is_main:  # only a run that starts records its recipe (a refused resume leaves the old one)
@@ -234,8 +238,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
                 raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
                                           f"level (it applies to every stage)")
-            source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
-                                        layout.dp_rank, layout.dp_size)
+            source = build_stage_source(stage, tokenizer, layout.dp_rank, layout.dp_size, data_dp)
             scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
             n_micro = micro_batches_per_step(stage, layout.dp_size)
             stage_step = 0
@@ -290,7 +293,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 last = done_stage and si == len(recipe.stages) - 1
                 if periodic or last or stop_now or preempted:
                     _save(recipe, model, optimizer, source, scheduler, info, ckpt_root, recipe_yaml,
-                          step, next_stage, next_step, bad_steps, base_rope)
+                          step, next_stage, next_step, bad_steps, data_dp)
                 if preempted or stop_now:
                     result.status = "preempted" if preempted else "stopped"
                     logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
@@ -388,11 +391,12 @@ def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
         case path:
             ckpt = verified_checkpoint(path)
     meta = read_meta(ckpt)
-    return ckpt, plan_resume(read_saved_recipe(ckpt), recipe, meta, ckpt, world_size), notes
+    saved_data_dp = torch.load(ckpt / "rank-00000.pt", weights_only=False).get("data_dp_size")
+    return ckpt, plan_resume(read_saved_recipe(ckpt), recipe, meta, ckpt, world_size, saved_data_dp), notes
 
 
 def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
-          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, base_rope: dict) -> None:
+          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, data_dp: int) -> None:
     # After the last step of a stage the checkpoint points at the next stage, step 0: its loader and
     # scheduler are built fresh on resume, so the saved ones are only used mid-stage.
     lora = recipe.model.lora
@@ -404,6 +408,7 @@ def _save(recipe: Recipe, model, optimizer, source: BatchSource, scheduler, info
     rank_state = {"data": None if done_stage else source.state_dict(),
                   "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps,
                   # the finished stage's loader position: more steps for it (a raised stages.N.steps) continue there
-                  "stage_end": {"data": source.state_dict()} if done_stage else None}
+                  "stage_end": {"data": source.state_dict()} if done_stage else None,
+                  "data_dp_size": data_dp}  # the run's data layout (data_layout.py): kept on another layout
     save_checkpoint(ckpt_root, meta, model, optimizer, rank_state, info.rank, recipe_yaml,
                     recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)

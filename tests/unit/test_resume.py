@@ -109,15 +109,21 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(tmp_path, capsys, da
     assert res.losses == {s: ref.losses[s] for s in (2, 3)}
 
 
-def test_resume_with_another_world_size_says_so(tmp_path):
+def test_another_world_size_must_keep_the_global_batch(tmp_path):
     from longtrain.trainer.checkpoint import read_meta
-    from longtrain.trainer.resume import plan_resume
+    from longtrain.trainer.resume import plan_resume, read_saved_recipe
 
     train(recipe(tmp_path, "train.stop_after_steps=1"))
     ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    with pytest.raises(ResumeError, match=r"was saved by 1 process\(es\) and this run has 2: .* must resume with "
-                                          r"1 process\(es\)"):
-        plan_resume(None, recipe(tmp_path), read_meta(ckpt), ckpt, world_size=2)
+    old = read_saved_recipe(ckpt)
+    # global_batch_tokens=0 is one micro-batch per dp rank: on 2 ranks a step would hold twice the sequences.
+    with pytest.raises(ResumeError, match=r"a step of stage 's' held 1 sequence\(s\) on the checkpoint's layout and "
+                                          r"would hold 2 on this one .* set train.global_batch_tokens=144 to keep"):
+        plan_resume(old, recipe(tmp_path), read_meta(ckpt), ckpt, world_size=2)
+    plan = plan_resume(old, recipe(tmp_path, f"train.global_batch_tokens={SEQ}"), read_meta(ckpt), ckpt, world_size=2)
+    assert plan.relayout and plan.data_dp == 1
+    assert plan.changes[-1].startswith("parallel layout: world 1 (dp 1, cp 1) -> world 2 (dp 2, cp 1): model and "
+                                       "optimizer are resharded")
 
 
 def test_a_copy_of_a_checkpoint_is_intact(tmp_path):
