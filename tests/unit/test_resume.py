@@ -101,6 +101,10 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(tmp_path, capsys, da
     with pytest.raises(CheckpointDamaged, match=f"checkpoint {latest} is damaged: .*{target.name}.*newest intact "
                                                 f"checkpoint there is {root / 'step-1'}"):
         export_checkpoint(root / "latest", tmp_path / "hf")
+    from longtrain.eval.load import load_for_eval
+
+    with pytest.raises(ValueError, match=f"checkpoint {latest} is damaged: .*{target.name}"):
+        load_for_eval(tmp_path / "run")  # `longtrain eval RUN_DIR` says the same
     capsys.readouterr()
     res = train(recipe(tmp_path, steps=3))
     out = capsys.readouterr().out
