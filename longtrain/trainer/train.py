@@ -365,7 +365,9 @@ def _resume_plan(recipe: Recipe, ckpt_root: Path, info: DistInfo) -> tuple[Path 
     def decide():
         try:
             return _decide_resume(recipe, ckpt_root, info.world_size)
-        except ValueError as e:  # ResumeError, CheckpointDamaged, a bad path: user errors
+        except Exception as e:  # user errors (ResumeError, CheckpointDamaged, a bad path) and bugs alike
+            if info.world_size == 1:
+                raise
             return e
 
     decided = broadcast_object(decide() if info.is_main else None)
