@@ -20,13 +20,18 @@ def _train(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     try:
         result = train(recipe)
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 1)
+    except Exception as e:
+        if isinstance(e, (ValueError, NotImplementedError, ImportError)) and _raised_by_longtrain(e):
+            return _fail(e, 2)
+        _hold_back()  # a bug: the traceback stays, once (rank 0's, when rank 0 fails too)
+        raise
+    finally:
+        _close_process_group()
     if os.environ.get("RANK", "0") != "0":
         return 0
     if result.status == "done":
@@ -34,6 +39,48 @@ def _train(args: argparse.Namespace) -> int:
     else:
         print(f"{result.status} at step {result.step}; resume with the same command (train.resume=auto)")
     return 0
+
+
+def _raised_by_longtrain(e: BaseException) -> bool:
+    """A user error is a ValueError / NotImplementedError / ImportError that longtrain raised on purpose, with a
+    message (STYLE.md "Errors"); one raised inside torch or another library is a bug and keeps its traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here + os.sep)
+
+
+def _fail(e: BaseException, code: int) -> int:
+    """One paragraph for a user error, on rank 0 (issue 20: not once per rank, not under gloo's noise).
+
+    Every rank raises the same error for a recipe, resume or layout problem. Other ranks wait a moment before
+    printing: when rank 0 failed too, the launcher has stopped them by then; when only this rank failed (its own
+    file, its own data shard), its message still reaches the user.
+    """
+    _hold_back()
+    rank = os.environ.get("RANK", "0")
+    print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr, flush=True)
+    return code
+
+
+_QUIET_S = 10.0  # how long ranks other than 0 hold back their message (see _fail)
+
+
+def _hold_back() -> None:
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        import time
+
+        time.sleep(_QUIET_S)
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -286,10 +286,20 @@ class EvalConfig:
     batch_size: int = 8  # sequences per forward pass
     seed: int = 0  # the same seed gives every evaluated model the same sequences
     untrained_next_rope: bool = True  # also score each stage's end with the next stage's rope, before training it
+    # The perplexity task's documents (as `longtrain eval --data`): .jsonl/.json/.parquet/.csv/.txt, a saved
+    # datasets dir, tiny | stdlib | synthetic:passkey. None: the bundled tiny corpus, concatenated.
+    data: str | None = None
+    text_field: str = "text"  # text column of `data`
+    max_windows: int | None = 16  # perplexity windows per length at most (each stage end pays for them); None: all
 
     def __post_init__(self):
         for t in self.tasks:
             _choice("tasks", t, ("perplexity", "passkey", "needle", "needle_mv", "needle_mq"))
+        if self.data is not None and "perplexity" not in self.tasks:
+            raise FieldError("data", self.data, "eval.data holds the perplexity task's documents; add perplexity "
+                                                "to eval.tasks (or remove eval.data)")
+        if self.max_windows is not None:
+            _positive("max_windows", self.max_windows)
         for d in self.depths:
             if not 0.0 <= d <= 1.0:
                 raise FieldError("depths", d, "depths are fractions in [0, 1]")

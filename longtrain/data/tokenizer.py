@@ -24,6 +24,9 @@ BUILTIN_BOS = "<|bos|>"
 BUILTIN_EOS = "<|eos|>"
 BUILTIN_PAD = "<|pad|>"
 BUILTIN_DEFAULT_VOCAB = 512  # matches the `debug` model flavor (model/args.py)
+# Every merge the bundled corpus supports: BPE stops there, so builtin:2048 or :8192 gave the same 1,193 ids
+# (checked: identical tokenizer.json). A larger N is an error, not a silently smaller vocabulary (issue 20).
+BUILTIN_MAX_VOCAB = 1193
 _BUILTIN_VERSION = 1  # bump when the training recipe below changes: it is part of the cache key
 
 
@@ -161,7 +164,7 @@ def load_tokenizer(path: str, cache_dir: str | Path | None = None) -> Tokenizer:
     """Load a tokenizer.
 
     Args:
-        path: "builtin" (byte-level BPE of 512 ids trained on the bundled corpus), "builtin:N" (N ids, 300..8192)
+        path: "builtin" (byte-level BPE of 512 ids trained on the bundled corpus), "builtin:N" (N ids, 300..BUILTIN_MAX_VOCAB)
             or a local Hugging Face tokenizer/model directory (tokenizer.json or sentencepiece files).
         cache_dir: where the builtin tokenizer is cached (default `~/.cache/longtrain`).
 
@@ -178,8 +181,10 @@ def load_tokenizer(path: str, cache_dir: str | Path | None = None) -> Tokenizer:
                 vocab = int(path.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"tokenizer {path!r}: expected 'builtin' or 'builtin:<vocab size>'") from None
-            if not 300 <= vocab <= 8192:
-                raise ValueError(f"tokenizer {path!r}: builtin vocab size must be in 300..8192, got {vocab}")
+            if not 300 <= vocab <= BUILTIN_MAX_VOCAB:
+                raise ValueError(f"tokenizer {path!r}: builtin vocab size must be in 300..{BUILTIN_MAX_VOCAB}, got "
+                                 f"{vocab} (the bundled corpus supports {BUILTIN_MAX_VOCAB:,} ids at most; for a "
+                                 f"larger vocabulary use a tokenizer directory)")
         return _load_builtin(vocab, Path(cache_dir) if cache_dir else default_cache_dir())
     return _load_hf(path)
 
@@ -263,6 +268,10 @@ def _load_builtin(vocab: int, cache_dir: Path) -> Tokenizer:
         os.close(fd)
         raw.save(tmp)
         os.replace(tmp, path)
+    have = raw.get_vocab_size(with_added_tokens=True)
+    if have != vocab:  # the corpus changed and supports fewer merges: never a silently smaller vocabulary
+        raise ValueError(f"tokenizer 'builtin:{vocab}': the bundled corpus yields {have:,} ids, not {vocab:,}; "
+                         f"use builtin:{have} or fewer ids")
     digits = [raw.token_to_id(str(d)) for d in range(10)]
     assert all(i is not None for i in digits), "builtin tokenizer lost a single-digit token"
     return Tokenizer(raw, kind="builtin", bos_id=raw.token_to_id(BUILTIN_BOS), eos_id=raw.token_to_id(BUILTIN_EOS),

@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--packing", default="document", help="perplexity: document (each alone) | concat")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows per length at most")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--attention", default=None, help="attention backend (default: the model's, reference on CPU)")
+    p.add_argument("--attention", default=None, help="attention backend (default: auto, the fastest that takes each "
+                                                     "call, on a GPU; the model's own, the reference, on CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokenizer", default=None, help="builtin | builtin:N | DIR (default: found with the model)")
     p.add_argument("--rope", default=None, help='JSON rope block replacing the model\'s, e.g. '
@@ -80,6 +81,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def default_attention(attention: str | None, device: str) -> str | None:
+    """--attention as given, else `auto` on a GPU: the reference backend a loaded model starts with materialises
+    the (s, s) scores and fails at 16K on a GPU (issue 20); on CPU the model's own backend (the reference)."""
+    import torch
+
+    if attention is not None or torch.device(device).type == "cpu":
+        return attention
+    return "auto"
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -112,7 +123,8 @@ def run_eval(args: argparse.Namespace) -> int:
             model, tok, args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples,
             name=name or Path(path).resolve().name, data=args.data, text_field=args.text_field, stride=args.stride,
             packing=args.packing, max_windows=args.max_windows, batch_size=args.batch_size,
-            attention=args.attention, task_options={t: o for t, o in options.items() if t in args.tasks},
+            attention=default_attention(args.attention, args.device),
+            task_options={t: o for t, o in options.items() if t in args.tasks},
             seed=args.seed, model_desc=desc))
     out = Path(args.out) if args.out else (Path(args.model) / "eval" if (Path(args.model) / "config.json").is_file()
                                            else Path("eval"))

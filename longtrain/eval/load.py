@@ -55,7 +55,8 @@ def _has_tokenizer(p: Path) -> bool:
 
 
 def _load_checkpoint(p: Path, rope: dict | None, device: str | torch.device) -> tuple[Transformer, str | None, str]:
-    from longtrain.trainer.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+    from longtrain.trainer.checkpoint import (CheckpointDamaged, load_model_weights, read_meta, resolve_checkpoint,
+                                              verified_checkpoint)
 
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     try:
@@ -63,6 +64,10 @@ def _load_checkpoint(p: Path, rope: dict | None, device: str | torch.device) -> 
     except ValueError as e:
         raise ValueError(f"model path {str(p)!r} is neither a Hugging Face directory (no config.json) nor a "
                          f"longtrain checkpoint: {e}") from None
+    try:
+        ckpt = verified_checkpoint(ckpt)
+    except CheckpointDamaged as e:
+        raise ValueError(str(e)) from None
     meta = read_meta(ckpt)
     if meta.lora:
         raise NotImplementedError(f"checkpoint {ckpt} holds LoRA adapters; merge them with `longtrain export "

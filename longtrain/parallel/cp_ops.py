@@ -10,6 +10,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single; the old names warn (FutureWarning)
+# on every call, once per rank per step (issue 20). Same collectives; older torch has only the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def merge_partials(out: Tensor, lse: Tensor, out_blk: Tensor, lse_blk: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two partial attention results over disjoint key sets, in fp32 (PITFALLS.md: never in bf16).
@@ -40,7 +45,7 @@ def all_gather_meta(x: Tensor, group: ProcessGroup) -> Tensor:
     if world == 1:
         return x
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather(out, x.contiguous(), group=group)
     return out.view(world, *x.shape).transpose(0, 1).reshape(x.shape[0], world * x.shape[1])  # (bs, world * s)
 
 
@@ -53,7 +58,7 @@ class _AllGatherSeq(torch.autograd.Function):
         world = dist.get_world_size(group)
         bs, s = x.shape[:2]
         out = torch.empty((world * bs,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather(out, x.contiguous(), group=group)
         out = out.view(world, bs, *x.shape[1:]).transpose(0, 1)  # (bs, world, s, h, d)
         return out.reshape(bs, world * s, *x.shape[2:])
 
@@ -65,7 +70,7 @@ class _AllGatherSeq(torch.autograd.Function):
         parts = grad.reshape(bs, world, s, *grad.shape[2:]).transpose(0, 1).contiguous()  # (world, bs, s, h, d)
         out = torch.empty((bs, s) + tuple(grad.shape[2:]), dtype=grad.dtype, device=grad.device)
         # Every rank's queries used every rank's keys: the key gradient is the sum over ranks.
-        dist.reduce_scatter_tensor(out, parts.view(world * bs, s, *grad.shape[2:]), op=dist.ReduceOp.SUM,
+        _reduce_scatter(out, parts.view(world * bs, s, *grad.shape[2:]), op=dist.ReduceOp.SUM,
                                    group=ctx.group)
         return out, None
 

@@ -50,7 +50,7 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
     Raises:
         ValueError: the degrees do not multiply to the world size.
     """
-    from longtrain.parallel.dims import ParallelDims
+    from longtrain.parallel.dims import ParallelDims, submesh
 
     par = recipe.parallel
     ulysses = par.cp if par.cp_mode == "ulysses" else par.ulysses
@@ -64,8 +64,9 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
     except ValueError as e:
         raise ValueError(f"{recipe.source}: the `parallel` section does not fit {info.world_size} process(es): {e}")
     mesh = dims.build_mesh(info.device.type) if info.world_size > 1 or one_process_wrap else None
-    cp_rank = mesh["cp"].get_local_rank() if dims.cp > 1 else 0
-    dp_rank = mesh["dp"].get_local_rank() if dims.dp > 1 else 0
+    # submesh, not mesh["cp"]: slicing a flattened dim from the root mesh warns (deprecated) on every rank.
+    cp_rank = submesh(mesh, "cp").get_local_rank() if dims.cp > 1 else 0
+    dp_rank = submesh(mesh, "dp").get_local_rank() if dims.dp > 1 else 0
     # Zigzag (head-tail) chunks balance causal work over cp ranks for every mode (the mask carries the global
     # token index, so all-gather and Ulysses attention are layout-agnostic).
     return Layout(dp_rank, dims.dp, cp_rank, dims.cp, "zigzag", ulysses, mesh,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from longtrain.config import LoraConfig
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
-from longtrain.trainer.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from longtrain.trainer.checkpoint import load_model_weights, read_meta, verified_checkpoint
 from longtrain.trainer.lora import apply_lora, merge_lora
 
 
@@ -21,7 +22,7 @@ def load_checkpoint_model(ckpt: str | Path) -> Transformer:
     Raises:
         ValueError: no complete checkpoint at `ckpt`.
     """
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = verified_checkpoint(ckpt)
     meta = read_meta(ckpt)
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in meta.model_args.items() if k in known})
@@ -55,12 +56,18 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype 
     from longtrain.data.tokenizer import load_tokenizer
     from longtrain.model.hf import save_hf
 
-    ckpt = resolve_checkpoint(ckpt)
+    ckpt = verified_checkpoint(ckpt)
     meta = read_meta(ckpt)
     model = load_checkpoint_model(ckpt)
     with tempfile.TemporaryDirectory() as tok_dir:
         tok_src = None
         if meta.tokenizer is not None:
             load_tokenizer(meta.tokenizer).save(tok_dir)
+            tok_src = tok_dir
+        # The Hugging Face directory the run started from carries generation defaults (eos ids, sampling): they
+        # travel with the export (docs/export.md), also when the tokenizer is rewritten from its own files.
+        src = meta.model_args.get("source_dir")
+        if src and (Path(src) / "generation_config.json").is_file():
+            shutil.copy2(Path(src) / "generation_config.json", Path(tok_dir) / "generation_config.json")
             tok_src = tok_dir
         return save_hf(model, out_dir, dtype=dtype, tokenizer_dir=tok_src, overwrite=overwrite)

@@ -35,6 +35,7 @@ class MetricsLogger:
         self.bar = self.wandb_run = None
         if not is_main:
             return
+        _truncate_after(self.path, initial_step)
         if cfg.progress_bar:
             from tqdm import tqdm
 
@@ -88,6 +89,26 @@ class MetricsLogger:
             self.wandb_run.finish()
         if self.cfg.plot and self.path.is_file():
             plot_loss(self.path, self.path.parent / "loss.png")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (the checkpoint this run resumes from): a run that died after its
+    last checkpoint logged steps that the resumed run logs again (issue 20: duplicate steps in metrics.jsonl)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            keep = json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError):  # a line cut by a kill mid-write
+            keep = False
+        if keep:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def plot_loss(metrics_path: str | Path, out_png: str | Path) -> None:

@@ -51,7 +51,8 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
             try:
                 res = evaluate(model, tokenizer, cfg.lengths, tasks=cfg.tasks, depths=cfg.depths,
                                samples=cfg.samples, out_dir=None, name=name, batch_size=cfg.batch_size,
-                               task_options=cfg.task_options, seed=cfg.seed,
+                               task_options=cfg.task_options, seed=cfg.seed, data=cfg.data,
+                               text_field=cfg.text_field, max_windows=cfg.max_windows,
                                model_desc=f"{recipe.name} after stage {stage.name!r}")
             finally:
                 if nxt is not None:
@@ -120,6 +121,11 @@ def write_summary(recipe: Recipe) -> str:
     text = [f"# {recipe.name}: evaluation by stage", ""]
     for task in tasks:
         text += [summary_table(results, task), ""]
+    if any(r.get("perplexity") for r in results):  # the summary holds a table for every task scored
+        from longtrain.eval.report import perplexity_table
+
+        data = next((r["perplexity_data"] for r in results if r.get("perplexity_data")), "")
+        text += [f"Perplexity ({data})", "", perplexity_table([r for r in results if r.get("perplexity")]), ""]
     out_dir = Path(recipe.run_dir) / "eval"
     write_report(results, out_dir, title=f"{recipe.name}: evaluation by stage")
     (out_dir / "summary.md").write_text("\n".join(text))

@@ -29,12 +29,14 @@ import yaml
 from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
 from longtrain.trainer import build
-from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, resolve_checkpoint, save_checkpoint
-from longtrain.trainer.checkpoint import complete_checkpoints
-from longtrain.trainer.data import BatchSource, build_batch_source
-from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
+from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
+from longtrain.trainer.checkpoint import verified_checkpoint
+from longtrain.trainer.data import BatchSource
+from longtrain.trainer.data_layout import build_stage_source, remap_rank_state
+from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
 from longtrain.trainer.metrics import MetricsLogger, memory_gib
 from longtrain.trainer.optim import build_scheduler
+from longtrain.trainer.resume import ResumePlan, continue_stage, plan_resume, read_saved_recipe
 
 
 class TrainingError(RuntimeError):
@@ -176,9 +178,18 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                           "pip install 'longtrain[wandb]' (or remove logging.wandb)")
     info = info or init_distributed()
     run_dir = Path(recipe.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    # Before anything is built: which checkpoint (the newest intact one), and whether this recipe may resume it.
+    resume_from, plan, warnings_text = _resume_plan(recipe, ckpt_root, info)
+    from longtrain.data.tokenizer import load_tokenizer
+    from longtrain.trainer.checks import check_vocab, cpu_thread_warning
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer)
+    check_vocab(tokenizer, recipe.model.model_args(), recipe.source)  # before any text is tokenized
+    if info.device.type == "cpu" and (note := cpu_thread_warning()) is not None:
+        warnings_text.append(note)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(run_dir / "recipe.yaml")
     recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     seed_everything(recipe.train.seed + info.rank)
     if info.device.type == "cpu":
@@ -189,26 +200,28 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     engine = build.build_engine(recipe, info, layout)
     model, optimizer = engine.model, engine.optimizer
     base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
-    from longtrain.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(recipe.model.tokenizer)
-    ckpt_root = run_dir / "checkpoints"
-
     step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
-    resume_from = _resume_path(recipe, ckpt_root)
+    data_dp = plan.data_dp if plan is not None else layout.dp_size  # the run's data layout, kept for good
     if resume_from is not None:
         # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
-        from longtrain.trainer.checkpoint import read_meta
-
-        meta0 = read_meta(resume_from)
-        _set_stage_rope(model, recipe, min(meta0.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
-        meta, rank_state = load_checkpoint(resume_from, engine, info.rank)
-        step, start_stage, start_stage_step = meta.step, meta.stage, meta.stage_step
+        _set_stage_rope(model, recipe, min(plan.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
+        meta, rank_state = load_checkpoint(resume_from, engine, info.rank, any_rank=plan.relayout)
+        if plan.relayout:  # each rank's loader state from the ranks that held its data (data_layout.py)
+            remap_rank_state(rank_state, resume_from, meta.world_size, layout.dp_rank, layout.dp_size)
+        step, start_stage, start_stage_step = meta.step, plan.stage, plan.stage_step
         bad_steps = rank_state["bad_steps"]
+    if info.is_main:  # only a run that starts records its recipe (a refused resume leaves the old one)
+        recipe.save(run_dir / "recipe.yaml")
     total_steps = sum(s.steps for s in recipe.stages)
     logger = MetricsLogger(run_dir, recipe.logging, recipe.name, recipe.to_dict(), total_steps, step, info.is_main)
+    for text in warnings_text:
+        logger.write(text)
     if resume_from is not None:
-        logger.write(f"resumed from {resume_from} at step {step} (stage {start_stage})")
+        where = (f"stage {recipe.stages[start_stage].name!r}" if start_stage < len(recipe.stages)
+                 else "every stage is done")
+        logger.write(f"resumed from {resume_from} at step {step} ({where})")
+        for line in plan.changes:
+            logger.write(f"recipe changed since the checkpoint, applied from step {step + 1}: {line}")
     result = TrainResult(run_dir, step, bad_steps=bad_steps)
     preempt = _Preemption(info.device)
     preempt.install()
@@ -221,17 +234,13 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
                 raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
                                           f"level (it applies to every stage)")
-            source = build_batch_source(stage.data, tokenizer, stage.seq_len, stage.train.micro_batch,
-                                        layout.dp_rank, layout.dp_size)
+            source = build_stage_source(stage, tokenizer, layout.dp_rank, layout.dp_size, data_dp)
             scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
-            stage_step = 0
-            if rank_state is not None and si == start_stage and rank_state["data"] is not None:
-                source.load_state_dict(rank_state["data"])
-                scheduler.load_state_dict(rank_state["scheduler"])
-                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                    group["lr"] = lr  # building the scheduler reset the lr to step 0's
-                stage_step = start_stage_step
             n_micro = micro_batches_per_step(stage, layout.dp_size)
+            stage_step = 0
+            if rank_state is not None and si == start_stage and start_stage_step > 0:
+                stage_step = continue_stage(source, scheduler, optimizer, rank_state, start_stage_step, n_micro,
+                                            logger)
             fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
             ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger)
             while stage_step < stage.steps:
@@ -280,7 +289,7 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
                 last = done_stage and si == len(recipe.stages) - 1 and recipe.checkpoint.at_end
                 if periodic or last or stop_now or preempted:
                     _save(recipe, engine, source, scheduler, info, ckpt_root, recipe_yaml,
-                          step, next_stage, next_step, bad_steps, base_rope)
+                          step, next_stage, next_step, bad_steps, data_dp)
                 if preempted or stop_now:
                     result.status = "preempted" if preempted else "stopped"
                     logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
@@ -344,19 +353,49 @@ def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_po
         model.set_rope(rope, max_pos)
 
 
-def _resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
+def _resume_plan(recipe: Recipe, ckpt_root: Path, info: DistInfo) -> tuple[Path | None, ResumePlan | None, list[str]]:
+    """The checkpoint to resume (train.resume), where to continue, and warnings about damaged checkpoints passed over.
+
+    Rank 0 decides and tells the others (one file-system view, one decision); every rank raises the same
+    ResumeError / CheckpointDamaged, so the user sees one message and no collective is left waiting.
+    """
+    def decide():
+        try:
+            return _decide_resume(recipe, ckpt_root, info.world_size)
+        except Exception as e:  # user errors (ResumeError, CheckpointDamaged, a bad path) and bugs alike
+            if info.world_size == 1:
+                raise
+            return e
+
+    decided = broadcast_object(decide() if info.is_main else None)
+    if isinstance(decided, Exception):
+        raise decided
+    return decided
+
+
+def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
+    notes: list[str] = []
     match recipe.train.resume:
         case "never":
-            return None
+            return None, None, notes
         case "auto":
-            found = complete_checkpoints(ckpt_root)
-            return found[-1] if found else None
+            ckpt, damaged = newest_intact(ckpt_root)
+            for bad, problem in damaged:
+                notes.append(f"warning: checkpoint {bad} is damaged and is skipped: {problem}")
+            if damaged:
+                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint" if ckpt is not None
+                             else f"warning: no intact checkpoint is left in {ckpt_root}: starting from step 0")
+            if ckpt is None:
+                return None, None, notes
         case path:
-            return resolve_checkpoint(path)
+            ckpt = verified_checkpoint(path)
+    meta = read_meta(ckpt)
+    saved_data_dp = torch.load(ckpt / "rank-00000.pt", weights_only=False).get("data_dp_size")
+    return ckpt, plan_resume(read_saved_recipe(ckpt), recipe, meta, ckpt, world_size, saved_data_dp), notes
 
 
 def _save(recipe: Recipe, engine, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
-          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, base_rope: dict) -> None:
+          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, data_dp: int) -> None:
     # After the last step of a stage the checkpoint points at the next stage, step 0: its loader and
     # scheduler are built fresh on resume, so the saved ones are only used mid-stage.
     lora = recipe.model.lora
@@ -366,6 +405,9 @@ def _save(recipe: Recipe, engine, source: BatchSource, scheduler, info: DistInfo
                           tokenizer=recipe.model.tokenizer, world_size=info.world_size)
     done_stage = next_step == 0
     rank_state = {"data": None if done_stage else source.state_dict(),
-                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps}
+                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps,
+                  # the finished stage's loader position: more steps for it (a raised stages.N.steps) continue there
+                  "stage_end": {"data": source.state_dict()} if done_stage else None,
+                  "data_dp_size": data_dp}  # the run's data layout (data_layout.py): kept on another layout
     save_checkpoint(ckpt_root, meta, engine, rank_state, info.rank, recipe_yaml,
                     recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)

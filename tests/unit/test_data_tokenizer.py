@@ -111,7 +111,7 @@ def test_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         load_tokenizer(str(tmp_path / "empty"))
-    for bad in ["builtin:abc", "builtin:10", "builtin:100000"]:
+    for bad in ["builtin:abc", "builtin:10", "builtin:100000", "builtin:4096"]:
         with pytest.raises(ValueError, match="builtin"):
             load_tokenizer(bad, cache_dir=tmp_path)
     assert not Path("/no/such/tokenizer").exists()

@@ -178,6 +178,11 @@ def test_train_from_a_hugging_face_directory(tmp_path):
     assert res.losses[1] == pytest.approx(float(expected), rel=1e-6)  # fp32, same model and batch
     assert not torch.equal(trained.embed_tokens.weight, base.embed_tokens.weight)
     assert trained.args.rope == base.args.rope
+    # docs/export.md: generation_config.json of the starting directory travels with the export.
+    gen = {"bos_token_id": 1, "eos_token_id": [2, 3], "temperature": 0.6}
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(gen))
+    out = export_checkpoint(tmp_path / "run" / "checkpoints" / "latest", tmp_path / "hf")
+    assert json.loads((out / "generation_config.json").read_text()) == gen
 
 
 def test_schedule_warmup_then_decay_to_min_ratio():
