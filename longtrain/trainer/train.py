@@ -31,7 +31,7 @@ from longtrain.data.batch import Batch
 from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.trainer import build
 from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
-from longtrain.trainer.checkpoint import verified_checkpoint
+from longtrain.trainer.checkpoint import CheckpointDamaged, verified_checkpoint
 from longtrain.trainer.data import BatchSource
 from longtrain.trainer.data_layout import build_stage_source, remap_rank_state
 from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
@@ -383,11 +383,15 @@ def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
             return None, None, notes
         case "auto":
             ckpt, damaged = newest_intact(ckpt_root)
+            if ckpt is None and damaged:  # starting over would overwrite them: the user decides
+                raise CheckpointDamaged(
+                    f"every checkpoint in {ckpt_root} is damaged: " + "; ".join(p for _, p in damaged) + ". To "
+                    f"start over from step 0, set train.resume=never (new checkpoints will replace these) or use "
+                    f"another run_dir.")
             for bad, problem in damaged:
                 notes.append(f"warning: checkpoint {bad} is damaged and is skipped: {problem}")
             if damaged:
-                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint" if ckpt is not None
-                             else f"warning: no intact checkpoint is left in {ckpt_root}: starting from step 0")
+                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint")
             if ckpt is None:
                 return None, None, notes
         case path:
