@@ -30,8 +30,9 @@ def _train(args: argparse.Namespace) -> int:
             return _fail(e, 2)
         _hold_back()  # a bug: the traceback stays, once (rank 0's, when rank 0 fails too)
         raise
-    finally:
-        _close_process_group()
+    # Only after a run that ended normally: on an error, peers may still sit in a collective that a NCCL
+    # shutdown would wait for.
+    _close_process_group()
     if os.environ.get("RANK", "0") != "0":
         return 0
     if result.status == "done":

@@ -30,7 +30,7 @@ from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
 from longtrain.trainer import build
 from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
-from longtrain.trainer.checkpoint import verified_checkpoint
+from longtrain.trainer.checkpoint import CheckpointDamaged, verified_checkpoint
 from longtrain.trainer.data import BatchSource
 from longtrain.trainer.data_layout import build_stage_source, remap_rank_state
 from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
@@ -205,23 +205,13 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
     if resume_from is not None:
         # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
         _set_stage_rope(model, recipe, min(plan.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
-        meta, rank_state = load_checkpoint(resume_from, engine, info.rank, any_rank=plan.relayout)
-        if plan.relayout:  # each rank's loader state from the ranks that held its data (data_layout.py)
-            remap_rank_state(rank_state, resume_from, meta.world_size, layout.dp_rank, layout.dp_size)
-        step, start_stage, start_stage_step = meta.step, plan.stage, plan.stage_step
-        bad_steps = rank_state["bad_steps"]
+        step, rank_state = _restore(resume_from, plan, engine, layout, info)
+        start_stage, start_stage_step, bad_steps = plan.stage, plan.stage_step, rank_state["bad_steps"]
     if info.is_main:  # only a run that starts records its recipe (a refused resume leaves the old one)
         recipe.save(run_dir / "recipe.yaml")
     total_steps = sum(s.steps for s in recipe.stages)
     logger = MetricsLogger(run_dir, recipe.logging, recipe.name, recipe.to_dict(), total_steps, step, info.is_main)
-    for text in warnings_text:
-        logger.write(text)
-    if resume_from is not None:
-        where = (f"stage {recipe.stages[start_stage].name!r}" if start_stage < len(recipe.stages)
-                 else "every stage is done")
-        logger.write(f"resumed from {resume_from} at step {step} ({where})")
-        for line in plan.changes:
-            logger.write(f"recipe changed since the checkpoint, applied from step {step + 1}: {line}")
+    _log_start(logger, recipe, warnings_text, resume_from, plan, step)
     result = TrainResult(run_dir, step, bad_steps=bad_steps)
     preempt = _Preemption(info.device)
     preempt.install()
@@ -353,6 +343,27 @@ def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_po
         model.set_rope(rope, max_pos)
 
 
+def _restore(ckpt: Path, plan: ResumePlan, engine, layout, info: DistInfo) -> tuple[int, dict]:
+    """Load the checkpoint (collective); returns the global step and this rank's state, loader states remapped
+    when the layout changed (data_layout.py)."""
+    meta, rank_state = load_checkpoint(ckpt, engine, info.rank, any_rank=plan.relayout)
+    if plan.relayout:
+        remap_rank_state(rank_state, ckpt, meta.world_size, layout.dp_rank, layout.dp_size)
+    return meta.step, rank_state
+
+
+def _log_start(logger, recipe: Recipe, notes: list[str], ckpt: Path | None, plan: ResumePlan | None,
+               step: int) -> None:
+    for text in notes:
+        logger.write(text)
+    if ckpt is None:
+        return
+    where = f"stage {recipe.stages[plan.stage].name!r}" if plan.stage < len(recipe.stages) else "every stage is done"
+    logger.write(f"resumed from {ckpt} at step {step} ({where})")
+    for line in plan.changes:
+        logger.write(f"recipe changed since the checkpoint, applied from step {step + 1}: {line}")
+
+
 def _resume_plan(recipe: Recipe, ckpt_root: Path, info: DistInfo) -> tuple[Path | None, ResumePlan | None, list[str]]:
     """The checkpoint to resume (train.resume), where to continue, and warnings about damaged checkpoints passed over.
 
@@ -380,11 +391,15 @@ def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
             return None, None, notes
         case "auto":
             ckpt, damaged = newest_intact(ckpt_root)
+            if ckpt is None and damaged:  # starting over would overwrite them: the user decides
+                raise CheckpointDamaged(
+                    f"every checkpoint in {ckpt_root} is damaged: " + "; ".join(p for _, p in damaged) + ". To "
+                    f"start over from step 0, set train.resume=never (new checkpoints will replace these) or use "
+                    f"another run_dir.")
             for bad, problem in damaged:
                 notes.append(f"warning: checkpoint {bad} is damaged and is skipped: {problem}")
             if damaged:
-                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint" if ckpt is not None
-                             else f"warning: no intact checkpoint is left in {ckpt_root}: starting from step 0")
+                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint")
             if ckpt is None:
                 return None, None, notes
         case path:

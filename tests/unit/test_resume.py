@@ -111,6 +111,12 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(tmp_path, capsys, da
     assert f"warning: checkpoint {latest} is damaged and is skipped: {problem}" in out
     assert f"warning: resuming from {root / 'step-1'}, the newest intact checkpoint" in out
     assert res.losses == {s: ref.losses[s] for s in (2, 3)}
+    if damage == "meta":  # with every checkpoint damaged, starting over (and overwriting them) is the user's call
+        for ckpt in complete_checkpoints(root):
+            (ckpt / "meta.json").write_text('{"step": ')
+        with pytest.raises(CheckpointDamaged, match=f"every checkpoint in {root} is damaged: .* set "
+                                                    f"train.resume=never"):
+            train(recipe(tmp_path, steps=3))
 
 
 def test_another_world_size_must_keep_the_global_batch(tmp_path):
