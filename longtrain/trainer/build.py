@@ -168,7 +168,8 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
     model.to(device=info.device, dtype=dtype if backend == "deepspeed" else master_dtype(recipe, layout, dtype))
     # Offloaded parameters are stepped where they live: on the host (no fused CUDA AdamW there).
     opt_device = torch.device("cpu") if memory.offload_params else info.device
-    make_optimizer = lambda params: build_optimizer(params, train0.optimizer, opt_device)  # noqa: E731
+    cpu_adam = backend == "deepspeed" and memory.offload_optimizer and _cpu_adam_builds()
+    make_optimizer = lambda params: build_optimizer(params, train0.optimizer, opt_device, cpu_adam)  # noqa: E731
     out = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
                          attention_backend=recipe.model.attention, param_dtype=dtype, reduce_dtype=torch.float32,
                          ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
@@ -183,6 +184,20 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
     if backend == "deepspeed":
         return DeepSpeedEngine(out, model)
     return TorchEngine(out, make_optimizer(out.parameters()))
+
+
+def _cpu_adam_builds() -> bool:
+    """DeepSpeed's CPU Adam compiles on first use (a C++ compiler is needed); without it ZeRO-Offload runs the
+    recipe's torch AdamW on the host partitions, and says so."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+        return True
+    except Exception as e:  # noqa: BLE001 - any build failure means: use torch's AdamW
+        print(f"warning: DeepSpeed's CPU Adam did not build here ({type(e).__name__}: {str(e)[:200]}); the "
+              f"offloaded optimizer states are stepped by torch AdamW on the CPU (slower)")
+        return False
 
 
 def stage_rope(recipe: Recipe, stage_index: int, base: dict) -> dict:

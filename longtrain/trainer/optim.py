@@ -12,10 +12,11 @@ from longtrain.config import OptimizerConfig, ScheduleConfig
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
-                    device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device, cpu_adam: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; fused kernels on CUDA, foreach (multi-tensor) elsewhere.
 
     Weight decay applies to matrices only (not norms, biases): the usual GPT-3 / Llama practice.
+    cpu_adam: DeepSpeed's CPU Adam (AdamW mode) instead of torch's, for ZeRO-Offload's host partitions.
 
     Raises:
         NotImplementedError: an optimizer other than adamw.
@@ -26,6 +27,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig,
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
               {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     match cfg.name:
+        case "adamw" if cpu_adam:
+            # DeepSpeed ZeRO-Offload steps the host partitions with its vectorised C++ Adam (compiled on first use).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                                    eps=cfg.eps, adamw_mode=True)
         case "adamw":
             fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
             return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
