@@ -48,15 +48,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (kernels.apply_fused_kernels;
             CUDA, or CPU under TRITON_INTERPRET=1).
         compile: torch.compile each block.
-        backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
-        zero_stage: DeepSpeed ZeRO stage (0-3).
-        offload_params: parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy;
-            DeepSpeed ZeRO-3 offload_param). offload_optimizer: DeepSpeed ZeRO-Offload of the optimizer states
-            (FSDP2 offloads them with the parameters only).
-        grad_clip: DeepSpeed only: the clipping norm its step applies.
-        sharded_one_process: shard (wrap) even when the world size is 1: FSDP2 offload or DeepSpeed in one
-            process (the caller started a one-rank process group).
-        optimizer_factory: DeepSpeed only: builds the optimizer from the parameters (the engine owns it).
+        backend, zero_stage, offload_params, offload_optimizer, grad_clip, sharded_one_process,
+            optimizer_factory: the sharding engine and its options (`apply_sharding`).
 
     Returns:
         The model (FSDP2 or none), or the DeepSpeed engine wrapping it (backend deepspeed).
@@ -106,6 +99,36 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         apply_compile(model)
 
     # 5. Sharding last: it needs the final module structure.
+    return apply_sharding(model, dims, mesh, backend, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                          zero_stage=zero_stage, offload_params=offload_params, offload_optimizer=offload_optimizer,
+                          grad_clip=grad_clip, sharded_one_process=sharded_one_process,
+                          optimizer_factory=optimizer_factory)
+
+
+def apply_sharding(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, backend: str, *,
+                   param_dtype: torch.dtype, reduce_dtype: torch.dtype, zero_stage: int, offload_params: bool,
+                   offload_optimizer: bool, grad_clip: float, sharded_one_process: bool,
+                   optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None):
+    """Shard `model` with FSDP2 or DeepSpeed, or leave it whole (backend none, or FSDP2 in one process).
+
+    Args:
+        backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
+        param_dtype, reduce_dtype: FSDP2 compute and gradient-reduction dtypes (DeepSpeed: param_dtype).
+        zero_stage: DeepSpeed ZeRO stage (0-3).
+        offload_params: parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy;
+            DeepSpeed ZeRO-3 offload_param). offload_optimizer: DeepSpeed ZeRO-Offload of the optimizer states
+            (FSDP2 offloads them with the parameters only).
+        grad_clip: DeepSpeed only: the clipping norm its step applies.
+        sharded_one_process: shard (wrap) even when the world size is 1: FSDP2 offload or DeepSpeed in one
+            process (the caller started a one-rank process group).
+        optimizer_factory: DeepSpeed only: builds the optimizer from the parameters (the engine owns it).
+
+    Returns:
+        The model (FSDP2 or none), or the DeepSpeed engine wrapping it (backend deepspeed).
+
+    Raises:
+        ValueError: unknown backend, optimizer-only offload with FSDP2, backend none with several processes.
+    """
     match backend:
         case "fsdp2":
             if offload_optimizer and not offload_params:
@@ -131,4 +154,4 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
             raise ValueError(f"unknown sharding backend {backend!r}; valid: {', '.join(SHARDING_BACKENDS)}")
 
 
-__all__ = ["ParallelDims", "apply", "apply_compile", "SHARDING_BACKENDS"]
+__all__ = ["ParallelDims", "apply", "apply_compile", "apply_sharding", "SHARDING_BACKENDS"]
