@@ -185,11 +185,42 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         loss = _loss_sum(ref, b, window) / denom
         loss.backward()
         loss_ref += loss.detach()
-    grads_ref = _full_grads(ref)
 
     # The layout, through the same parallel.apply the trainer uses (CP attention, memory switches, sharding).
+    engine = _apply_layout(model, dims, mesh, mode, sharding, attention_backend, backend, dtype, zero_stage, ac_mode,
+                           tiled_mlp)
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
-    engine = None
+    loss_par = torch.zeros((), device=device, dtype=torch.float32)
+    for b in batches[dp_rank::dims.dp]:
+        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
+        loss_par += _layout_backward(model, engine, local, window, denom)
+    dist.all_reduce(loss_par)
+    grads, grads_ref = _layout_grads(model, engine, sharding), _full_grads(ref)
+    worst, worst_name = _compare(grads, grads_ref)
+    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=_norm(grads),
+                          grad_norm_ref=_norm(grads_ref), max_rel_grad_diff=worst, worst_param=worst_name,
+                          n_valid_tokens=n_valid)
+
+
+def _norm(grads: dict[str, Tensor]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+
+
+def _layout_backward(model: Transformer, engine, local: Batch, window: int | None, denom: int) -> Tensor:
+    """Forward and backward of one local micro-batch through the parallel model; returns its loss (fp32)."""
+    if engine is not None:
+        loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
+        from longtrain.parallel.deepspeed import ds_backward
+        ds_backward(engine, loss)
+    else:
+        loss = _loss_sum(model, local, window) / denom
+        loss.backward()
+    return loss.detach().float()
+
+
+def _apply_layout(model: Transformer, dims: ParallelDims, mesh, mode: str, sharding: str, attention_backend: str,
+                  backend, dtype: torch.dtype, zero_stage: int, ac_mode: str, tiled_mlp: int | bool):
+    """Apply the layout to `model` in place; returns the DeepSpeed engine (sharding deepspeed), else None."""
     match sharding:
         case "fsdp2" | "deepspeed":
             from longtrain import parallel
@@ -197,43 +228,31 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
             out = parallel.apply(model, dims, mesh, cp_mode=mode, attention_backend=attention_backend,
                                  param_dtype=dtype, reduce_dtype=torch.float32, ac_mode=ac_mode, tiled_mlp=tiled_mlp,
                                  backend=sharding, zero_stage=zero_stage)
-            engine = out if sharding == "deepspeed" else None
+            return out if sharding == "deepspeed" else None
         case "none":  # CP attention only; gradients summed by all-reduce below (a check-only layout)
             if ac_mode != "none" or tiled_mlp:
                 raise ValueError("sharding 'none' applies CP attention only; use fsdp2 or deepspeed with ac_mode / "
                                  "tiled_mlp")
             model.to(dtype)
             apply_cp(model, mode, mesh, backend)
+            return None
         case _:
             raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp2, deepspeed, none")
-    loss_par = torch.zeros((), device=device, dtype=torch.float32)
-    for b in batches[dp_rank::dims.dp]:
-        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
-        if engine is not None:
-            loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
-            from longtrain.parallel.deepspeed import ds_backward
-            ds_backward(engine, loss)
-        else:
-            loss = _loss_sum(model, local, window) / denom
-            loss.backward()
-        loss_par += loss.detach().float()
-    dist.all_reduce(loss_par)
+
+
+def _layout_grads(model: Transformer, engine, sharding: str) -> dict[str, Tensor]:
+    """The full (unsharded, summed over ranks) gradients of the parallel model, by parameter name."""
     match sharding:
         case "none":
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)  # cp (and dp) ranks hold different tokens: sum
-            grads = _full_grads(model)
+            return _full_grads(model)
         case "fsdp2":
-            grads = _full_grads(model)
+            return _full_grads(model)
         case "deepspeed":
             from longtrain.parallel.deepspeed import ds_full_grads
-            grads = ds_full_grads(engine)
-    worst, worst_name = _compare(grads, grads_ref)
-    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-    norm_ref = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads_ref.values())))
-    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=norm, grad_norm_ref=norm_ref,
-                          max_rel_grad_diff=worst, worst_param=worst_name, n_valid_tokens=n_valid)
+            return ds_full_grads(engine)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
