@@ -121,7 +121,7 @@ def build(flavor: str, dims: ParallelDims, mesh, mode: str, args: argparse.Names
     torch.manual_seed(0)
     init_random(model, model_args.initializer_range)
     if args.fused:  # before apply: tiled MLP and AC wrap whatever forward the modules then have
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
 
         apply_fused_kernels(model)
     model = apply(model, dims, mesh, cp_mode=mode, attention_backend=args.attention,

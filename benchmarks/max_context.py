@@ -197,7 +197,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     _init_random(model, margs.initializer_range)
     model.set_attention(get_attention_backend(a.attn))
     if a.fused:  # before the memory switches: they wrap whatever forward the modules then have
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
 
         apply_fused_kernels(model)
     plain = a.side == "longtrain_plain"

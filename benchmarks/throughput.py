@@ -142,7 +142,7 @@ def run_longtrain(margs: ModelArgs, seq: int, docs: list[int] | None, device: to
     _random_init(model, margs.initializer_range)
     model.set_attention(get_attention_backend(attn))
     if fused:
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
         apply_fused_kernels(model)
     apply_ac(model, ac)
     if compile_blocks:
