@@ -18,8 +18,8 @@ Where each part is counted:
 - `memory.py`: the three moments, the loss working set, the buffers, `plan_memory` and `suggest`;
 - `command.py`: the `longtrain plan RECIPE` command.
 
-Calibrated against measured peaks on one H100 (docs/memory.md "Measured", docs/benchmarks.md,
-2026-11-26; tests/unit/test_memory_plan.py keeps them as regression cases). Tokens per GPU are
+Calibrated against measured peaks on one H100 (docs/memory.md "Measured", docs/benchmarks.md;
+tests/unit/test_memory_plan.py keeps them as regression cases). Tokens per GPU are
 seq_len * micro_batch / cp. `total` excludes the CUDA context and allocator slack: `fits()` adds
 `RUNTIME_OVERHEAD_BYTES` for that. Numbers are bytes; `MemoryPlan.gib()` formats them.
 """

@@ -172,7 +172,7 @@ def _loss_bytes(a: ModelArgs, b: int, t: int, p: PerToken, sw: MemorySwitches) -
     # One chunk's logits (dtype) and d-logits cast (dtype), plus with the eager impl their fp32 copy
     # and fp32 softmax (the Triton epilogue overwrites the logits: one buffer); the fp32 weight-gradient
     # accumulator and one fp32 product (addmm with an fp32 out_dtype still allocates the product before
-    # adding it: +1.0 GiB measured at 8K and 32K on the H100, 2026-11-27); the stored hidden gradient.
+    # adding it: docs/benchmarks.md, the loss under "Results on the H100"); the stored hidden gradient.
     per_logit = {"torch": 2 * b + 8, "compile": 2 * b, "triton": b}[sw.loss_kernel]
     out_params = a.vocab_size * a.dim
     return c * a.vocab_size * per_logit + out_params * (4 + 4) + t * p.x
