@@ -45,6 +45,9 @@ from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims
 from longtrain.trainer.flops import device_peak_flops, flops_per_token, mfu
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # random_init.py beside this script
+from random_init import init_random  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,16 +103,6 @@ def weak_scaling(results: list[dict]) -> dict[tuple[str, int, int], float]:
             if r["status"] == "ok" and r["cp"] > 1 and r["mfu"] and r["tokens_per_gpu"] in base}
 
 
-def init_random(model: torch.nn.Module, std: float) -> None:
-    """Random init on the model's device (init_weights draws on the CPU: ~1 minute for 8B parameters)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.normal_(0.0, std)
-
-
 def build(flavor: str, dims: ParallelDims, mesh, mode: str, args: argparse.Namespace, device: torch.device):
     model_args = model_flavor(flavor)
     bf16 = device.type == "cuda"
@@ -121,7 +114,7 @@ def build(flavor: str, dims: ParallelDims, mesh, mode: str, args: argparse.Names
     torch.manual_seed(0)
     init_random(model, model_args.initializer_range)
     if args.fused:  # before apply: tiled MLP and AC wrap whatever forward the modules then have
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
 
         apply_fused_kernels(model)
     model = apply(model, dims, mesh, cp_mode=mode, attention_backend=args.attention,

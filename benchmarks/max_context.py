@@ -39,6 +39,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # random_init.py beside this script
 
 SIDES = ("longtrain", "longtrain_plain", "hf", "hf_liger")
 GIB = 1024**3
@@ -107,17 +108,6 @@ def _apply_switches(model, switches: dict, smoke: bool) -> None:
              offload_min_bytes=0 if smoke else 1 << 20, seq_tile=(8 if smoke else seq_tile) if seq_tile else None)
 
 
-def _init_random(model, std: float) -> None:
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.normal_(0.0, std)
-
-
 def run_trial(a: argparse.Namespace) -> Trial:
     import torch
 
@@ -184,6 +174,7 @@ def _create_optimizer_states(opt) -> None:
 
 def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     import torch
+    from random_init import init_random
 
     from longtrain.kernels.attention import get_attention_backend
     from longtrain.kernels.attention_auto import dense_choice_here
@@ -194,10 +185,10 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
     with torch.device(device):
         model = Transformer(margs)
     model.to(dtype)
-    _init_random(model, margs.initializer_range)
+    init_random(model, margs.initializer_range)
     model.set_attention(get_attention_backend(a.attn))
     if a.fused:  # before the memory switches: they wrap whatever forward the modules then have
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
 
         apply_fused_kernels(model)
     plain = a.side == "longtrain_plain"
@@ -229,6 +220,7 @@ def _longtrain_step(a, margs, ids, device, dtype, res: Trial):
 
 def _hf_step(a, margs, ids, device, dtype):
     import torch
+    from random_init import init_random
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from longtrain.model.hf import hf_config
@@ -245,7 +237,7 @@ def _hf_step(a, margs, ids, device, dtype):
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     model.to(dtype)
-    _init_random(model, margs.initializer_range)
+    init_random(model, margs.initializer_range)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

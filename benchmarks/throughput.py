@@ -33,8 +33,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # random_init.py beside this script
 
 from longtrain.model.args import ModelArgs, model_flavor  # noqa: E402
+from random_init import init_random  # noqa: E402
 from longtrain.trainer.flops import (ceiling_mfu, device_peak_flops, flops_per_token, measure_attention_flops,  # noqa: E402
                                      measure_matmul_flops, mfu)
 
@@ -103,16 +105,6 @@ def doc_lengths(seq: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     return lens
 
 
-def _random_init(model: torch.nn.Module, std: float) -> None:
-    """In-place random init on the model's device (fast for 1B params; values only need to be sane)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.normal_(0.0, std)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,10 +131,10 @@ def run_longtrain(margs: ModelArgs, seq: int, docs: list[int] | None, device: to
     with torch.device(device):
         model = Transformer(margs)
     model.to(dtype)
-    _random_init(model, margs.initializer_range)
+    init_random(model, margs.initializer_range)
     model.set_attention(get_attention_backend(attn))
     if fused:
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
         apply_fused_kernels(model)
     apply_ac(model, ac)
     if compile_blocks:
@@ -182,7 +174,7 @@ def run_hf(margs: ModelArgs, seq: int, device: torch.device, dtype: torch.dtype,
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     model.to(dtype)
-    _random_init(model, margs.initializer_range)
+    init_random(model, margs.initializer_range)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

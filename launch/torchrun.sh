@@ -3,7 +3,7 @@
 #
 # Single node, all local GPUs (or NPROC processes on CPU):
 #   launch/torchrun.sh train recipes/tiny-demo.yaml parallel.cp=2
-#   NPROC=4 launch/torchrun.sh check-parallel recipes/llama3-8b-128k-yarn.yaml --seq-len 8192
+#   NPROC=4 launch/torchrun.sh check-parallel recipes/llama3.1-8b-128k-yarn.yaml --seq-len 8192
 # Several nodes: run on every node with the same MASTER_ADDR / MASTER_PORT and its own NODE_RANK:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train recipes/...   # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh train recipes/...   # on node 1

@@ -63,27 +63,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[
         ValueError: unknown task, empty lengths, a missing tokenizer, empty eval data, or a length the attention
             backend cannot run.
     """
-    if not lengths:
-        raise ValueError("eval: no lengths given; pass at least one context length, e.g. --lengths 1024,4096")
-    for L in lengths:
-        if int(L) < 2:
-            raise ValueError(f"eval: length {L} is too short; lengths are token counts >= 2")
-    for t in tasks:
-        if t not in EVAL_TASKS:
-            raise ValueError(f"eval: unknown task {t!r}; valid: {', '.join(EVAL_TASKS)}")
-    if not tasks:
-        raise ValueError(f"eval: no tasks given; valid: {', '.join(EVAL_TASKS)}")
     task_options = task_options or {}
-    unknown = set(task_options) - set(EVAL_TASKS)
-    if unknown:
-        raise ValueError(f"eval: task_options for unknown tasks {sorted(unknown)}; valid: {', '.join(EVAL_TASKS)}")
-    needs_tok = any(t != "perplexity" for t in tasks) or (
-        "perplexity" in tasks and (data is None or isinstance(data, str) or
-                                   (len(data) > 0 and isinstance(data[0], str))))
-    if needs_tok and tokenizer is None:
-        raise ValueError(f"eval: tasks {list(tasks)} need a tokenizer and the model came without one; pass "
-                         "--tokenizer (builtin or a directory)")
-
+    _check_eval_args(lengths, tasks, task_options, tokenizer, data)
     was_training = model.training
     old_fns = [layer.self_attn.attn_fn for layer in model.layers]
     t0 = time.time()
@@ -117,6 +98,30 @@ def evaluate(model: Transformer, tokenizer: Tokenizer | None, lengths: Sequence[
     if out_dir is not None:
         write_report([results], out_dir)
     return results
+
+
+def _check_eval_args(lengths: Sequence[int], tasks: Sequence[str], task_options: dict[str, dict],
+                     tokenizer: Tokenizer | None, data: str | Sequence | None) -> None:
+    """evaluate's argument checks (see its Raises)."""
+    if not lengths:
+        raise ValueError("eval: no lengths given; pass at least one context length, e.g. --lengths 1024,4096")
+    for L in lengths:
+        if int(L) < 2:
+            raise ValueError(f"eval: length {L} is too short; lengths are token counts >= 2")
+    for t in tasks:
+        if t not in EVAL_TASKS:
+            raise ValueError(f"eval: unknown task {t!r}; valid: {', '.join(EVAL_TASKS)}")
+    if not tasks:
+        raise ValueError(f"eval: no tasks given; valid: {', '.join(EVAL_TASKS)}")
+    unknown = set(task_options) - set(EVAL_TASKS)
+    if unknown:
+        raise ValueError(f"eval: task_options for unknown tasks {sorted(unknown)}; valid: {', '.join(EVAL_TASKS)}")
+    needs_tok = any(t != "perplexity" for t in tasks) or (
+        "perplexity" in tasks and (data is None or isinstance(data, str) or
+                                   (len(data) > 0 and isinstance(data[0], str))))
+    if needs_tok and tokenizer is None:
+        raise ValueError(f"eval: tasks {list(tasks)} need a tokenizer and the model came without one; pass "
+                         "--tokenizer (builtin or a directory)")
 
 
 def _perplexity_docs(tok: Tokenizer | None, data: str | Sequence[str] | Sequence[Sequence[int]] | None,

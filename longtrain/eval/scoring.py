@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtrain.kernels.attention import attention_reference
+from longtrain.kernels.attention import attention_reference, get_attention_backend
 from longtrain.model.decoder import Transformer
+from longtrain.parallel.offload import host_memory_available  # the one host-RAM probe (offload's budget too)
 
 LOGIT_CHUNK = 1024  # positions per output-projection chunk: (bs, 1024, vocab) fp32 at a time
 # The reference backend holds the (bs, heads, s, s) fp32 scores, the masked copy and the probabilities of one
@@ -37,8 +38,6 @@ def set_eval_attention(model: Transformer, attention: str | None) -> str:
     Raises:
         ValueError: unknown backend name (the message lists the valid ones).
     """
-    from longtrain.kernels.attention import get_attention_backend
-
     if attention is None:
         fn = model.layers[0].self_attn.attn_fn
         return "reference" if fn is attention_reference else getattr(fn, "__name__", type(fn).__name__)
@@ -59,8 +58,6 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
-    from longtrain.parallel.offload import host_memory_available  # the one host-RAM probe (offload's budget too)
-
     return host_memory_available()
 
 

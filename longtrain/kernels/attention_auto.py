@@ -1,8 +1,8 @@
 """`auto`: per call, the fastest backend that computes this attention correctly.
 
 The choice depends on the device, dtype, head dim and the mask's layout (attention_layout.py) and is
-cached on the mask, so it is made once per forward pass. Measured on an H100 SXM (docs/benchmarks.md,
-"Throughput (issue 8)"), bf16, Llama-3.2-1B attention shape (32 q / 8 kv heads, head_dim 64):
+cached on the mask, so it is made once per forward pass. The table follows the measurements in
+docs/benchmarks.md ("Attention backends" and "flash-attn-4": bf16 on an H100, Llama-3.2-1B attention shape):
 
 | device | dtype          | head_dim          | layout                 | backend     |
 |--------|----------------|-------------------|------------------------|-------------|
@@ -17,10 +17,8 @@ cached on the mask, so it is made once per forward pass. Measured on an H100 SXM
 | cuda   | bf16 / fp16    | %8, <= 256        | general (CP docs, ...) | flex        |
 
 (*) when flash-attn-4 is installed, the GPU is Hopper or newer (compute capability >= 9) and head_dim is one
-where it was checked (FA4_HEAD_DIMS: 64, 128): measured on
-the H100, 2026-11-26, fwd+bwd useful TFLOP/s, 32 q / 8 kv heads x 64: fa4 469 / 462 vs cuDNN 374 / 366
-causal at 32K / 128K; 8 packed documents 371 / 444 vs cuDNN per document 199 / 331; head_dim 128 (24 / 8
-heads) at 128K: 533 vs 464. Its LSE is differentiable, so ring attention can use it.
+where it was checked (FA4_HEAD_DIMS: 64, 128); there it is faster than cuDNN, causal and with packed documents
+(docs/benchmarks.md, "flash-attn-4"). Its LSE is differentiable, so ring attention can use it.
 
 On CPU `reference` is chosen over `flex`: eager flex materialises the same score matrix and has no
 backward on CPU. flash_attn (version 2) is never chosen automatically: its LSE is not differentiable
@@ -39,16 +37,16 @@ from longtrain.kernels.attention_backends import concrete_backend
 from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import classify
 
-# Which of the two torch fused kernels is faster for dense causal bf16 on the GPU measured (see table):
-# H100, 2026-11-26, fwd+bwd useful TFLOP/s: cuDNN 326 / 360 / 360 vs flash 213 / 251 / 248 at 8K / 32K / 128K.
+# Which of the two torch fused kernels is faster for dense causal bf16: cuDNN at 8K, 32K and 128K on the H100
+# (docs/benchmarks.md, "Attention backends").
 DENSE_CHOICE = "sdpa_cudnn"
-# Packed documents: flash varlen (one launch) vs cuDNN per document. Same run, 8 equal documents:
-# 8K (1K docs) flash 117 vs cuDNN 33; 32K (4K docs) 212 vs 183; 128K (16K docs) 233 vs 308.
+# Packed documents: flash varlen (one launch) vs cuDNN per document; per document wins from long documents on
+# (same table, 8 equal documents at 8K / 32K / 128K).
 PER_DOC_CUDNN_FROM = 8192  # mean document length at which per-document cuDNN overtakes flash varlen
-# Head dims at which flash-attn-4 4.0.0b36 was checked against the reference, forward and backward, on the H100
-# (benchmarks/attention.py --check, 2026-11-26). At head_dim 16 with GQA (the debug flavor, 4 q / 2 kv heads)
-# its gradients disagreed with every other backend on 4 H200s (check_parallel, k_proj grads off by 3.9x): auto
-# keeps it to the checked dims; naming `fa4` explicitly still reaches it for any dim.
+# Head dims at which flash-attn-4 4.0.0b36 was checked against the reference, forward and backward
+# (benchmarks/attention.py --check). At head_dim 16 with GQA (the debug flavor, 4 q / 2 kv heads) its gradients
+# disagreed with every other backend under check_parallel (docs/benchmarks.md, "flash-attn-4"): auto keeps it
+# to the checked dims; naming `fa4` explicitly still reaches it for any dim.
 FA4_HEAD_DIMS = (64, 128)
 
 

@@ -22,9 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# A key token whose document id is ANCHOR_DOC is visible to queries of every document
-# (AnchorAttention, arXiv:2411.13476: the first token is a shared attention sink).
-ANCHOR_DOC = -1
+from longtrain.types import ANCHOR_DOC
 
 
 @dataclass

@@ -31,9 +31,9 @@ from torch import Tensor
 from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import Layout, classify
 
-# cuDNN takes fewer K/V heads than Q heads (GQA) natively: checked on an H100 with torch 2.11 / cu130,
-# 2026-11-26 (benchmarks/attention.py probe, errors 2-3e-3 in bf16). Set False to repeat K/V heads for
-# builds whose cuDNN refuses it. flash-attention 2 handles GQA natively.
+# cuDNN takes fewer K/V heads than Q heads (GQA) natively (benchmarks/attention.py --check on an H100;
+# docs/benchmarks.md, "Attention backends"). Set False to repeat K/V heads for builds whose cuDNN refuses
+# it. flash-attention 2 handles GQA natively.
 CUDNN_NATIVE_GQA = True
 
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longtrain.data.batch import IGNORE_INDEX
 from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_reference
+from longtrain.types import IGNORE_INDEX
 
 # Auto chunk: at most this many logits elements per chunk (2**28 fp32 = 1 GiB), a power of two of tokens.
 _MAX_CHUNK_ELEMENTS = 2**28

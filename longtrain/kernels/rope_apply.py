@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from longtrain.kernels.rmsnorm import _require_triton, triton
-from longtrain.model.rope import apply_rotary
+from longtrain.kernels.rope_reference import apply_rotary
 
 if triton is not None:
     import triton.language as tl
@@ -46,7 +46,7 @@ if triton is not None:
 
 
 def rope_apply_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Pure-torch rotation: model/rope.py's `apply_rotary` (the decoder's default)."""
+    """Pure-torch rotation: rope_reference.py's `apply_rotary` (the decoder's default)."""
     return apply_rotary(x, cos, sin)
 
 

@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.scale = 1.0 / math.sqrt(args.head_dim)
         self.attn_fn: AttentionFn = attention_reference
-        # RoPE application; kernels.apply_fused_kernels swaps in the fused Triton one (same signature).
+        # RoPE application; parallel/fused_kernels.py swaps in the fused Triton one (same signature).
         self.rotary_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rotary
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -455,22 +455,7 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        names = list(params)
-        shards = _plan_shards(names, [params[n].numel() * dtype.itemsize for n in names], max_shard_bytes)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for i, shard in enumerate(shards):
-            file = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # One shard in memory at a time: cast and gather only this shard's tensors.
-            tensors = {hf_key(n): _full_tensor(params[n].detach()).to(device="cpu", dtype=dtype).contiguous()
-                       for n in shard}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, file))
-            del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_safetensors(params, dtype, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tok_src is not None:
             _copy_tokenizer(Path(tok_src), tmp, context_length(cfg["rope_parameters"], cfg["max_position_embeddings"]))
@@ -485,3 +470,23 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, max_shard_bytes: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_safetensors(params: dict[str, torch.Tensor], dtype: torch.dtype, out: Path, max_shard_bytes: int) -> None:
+    """Write `params` under their HF keys into `out`: one model.safetensors, or shards plus their index."""
+    names = list(params)
+    shards = _plan_shards(names, [params[n].numel() * dtype.itemsize for n in names], max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        file = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # One shard in memory at a time: cast and gather only this shard's tensors.
+        tensors = {hf_key(n): _full_tensor(params[n].detach()).to(device="cpu", dtype=dtype).contiguous()
+                   for n in shard}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from longtrain.kernels.rope_reference import apply_rotary
 from longtrain.model.rope_methods import (RESONANCE_BASE_TYPES, ROPE_METHODS, YARN_ONLY_KEYS, RopeMethod,
                                           default_inv_freq, ntk_theta)
 
@@ -370,17 +371,3 @@ class RotaryEmbedding(nn.Module):
             angles = position_ids[..., None].float() * inv32  # (bs, s, rotary_dim / 2)
         emb = torch.cat((angles, angles), dim=-1)  # (bs, s, rotary_dim)
         return (emb.cos() * scaling).float(), (emb.sin() * scaling).float()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first `cos.shape[-1]` channels of each head (half-split layout, as Hugging Face Llama).
-
-    x: (bs, s, n_heads, head_dim); cos/sin: (bs, s, rotary_dim) fp32. Math in fp32, result in x.dtype.
-    """
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    xf = x_rot.float()
-    x1, x2 = xf[..., : rot // 2], xf[..., rot // 2:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return torch.cat((out.to(x.dtype), x_pass), dim=-1) if x_pass.numel() else out.to(x.dtype)

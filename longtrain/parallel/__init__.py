@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from longtrain.kernels.attention import get_attention_backend
+from longtrain.kernels.tiled_mlp import apply_tiled_mlp
+from longtrain.parallel.activation_checkpoint import apply_ac
+from longtrain.parallel.context_parallel import apply_cp, cp_ulysses_degree
+from longtrain.parallel.deepspeed import deepspeed_wrap
 from longtrain.parallel.dims import ParallelDims
+from longtrain.parallel.fsdp import apply_fsdp
+from longtrain.parallel.fused_kernels import apply_fused_kernels
 
 SHARDING_BACKENDS = ("fsdp2", "deepspeed", "none")
 
@@ -45,10 +52,65 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
             gpu_checkpoint_layers: the last this-many offloaded checkpoints stay on the GPU; checkpoint_stride:
             one stored checkpoint per this many layers (apply_ac stride).
         tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling.
-        fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (kernels.apply_fused_kernels;
-            CUDA, or CPU under TRITON_INTERPRET=1).
+        fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (fused_kernels.py; CUDA, or CPU
+            under TRITON_INTERPRET=1).
         compile: torch.compile each block.
+        backend, zero_stage, offload_params, offload_optimizer, grad_clip, sharded_one_process,
+            optimizer_factory: the sharding engine and its options (`apply_sharding`).
+
+    Returns:
+        The model (FSDP2 or none), or the DeepSpeed engine wrapping it (backend deepspeed).
+
+    Raises:
+        ValueError: unknown backend or cp mode, a mesh missing for world > 1, backend none with
+            several processes.
+    """
+    local = get_attention_backend(attention_backend)
+    if dims.world_size > 1 and mesh is None:
+        raise ValueError(f"world size {dims.world_size} needs a mesh: pass dims.build_mesh(device_type)")
+
+    # 1. Attention: context-parallel (exchanges K/V across cp ranks) or the plain local backend.
+    #    First, so that activation checkpointing and compile wrap the final attention.
+    if dims.cp > 1:
+        cp_ulysses_degree(cp_mode, dims)  # validates mode vs ulysses degree
+        apply_cp(model, cp_mode, mesh, local)
+    else:
+        model.set_attention(local)
+
+    # 2. Fused RMSNorm / RoPE / SwiGLU, then the tiled MLP (it tiles whatever MLP forward is then in place);
+    #    both before AC so checkpointing wraps the final block.
+    if fused_kernels:
+        apply_fused_kernels(model)
+
+    if tiled_mlp is not False and tiled_mlp is not None:
+        apply_tiled_mlp(model, None if tiled_mlp is True else int(tiled_mlp))
+
+    # 3. Activation checkpointing (and offload): wraps the block forward, after it is final.
+    if ac_mode != "none" or offload_activations:
+        apply_ac(model, ac_mode, offload=offload_activations, gpu_layers=gpu_checkpoint_layers,
+                 stride=checkpoint_stride)
+
+    # 4. Compile per block: after AC (compile traces through the checkpoint), before sharding
+    #    (FSDP2's hooks stay outside the compiled region, as in torchtitan).
+    if compile:
+        apply_compile(model)
+
+    # 5. Sharding last: it needs the final module structure.
+    return apply_sharding(model, dims, mesh, backend, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                          zero_stage=zero_stage, offload_params=offload_params, offload_optimizer=offload_optimizer,
+                          grad_clip=grad_clip, sharded_one_process=sharded_one_process,
+                          optimizer_factory=optimizer_factory)
+
+
+def apply_sharding(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, backend: str, *,
+                   param_dtype: torch.dtype, reduce_dtype: torch.dtype, zero_stage: int, offload_params: bool,
+                   offload_optimizer: bool, grad_clip: float, sharded_one_process: bool,
+                   optimizer_factory: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None):
+    """Shard `model` with FSDP2 or DeepSpeed, or leave it whole (backend none, or FSDP2 in one process).
+
+    Args:
         backend: fsdp2 | deepspeed | none (none: no sharding, only for a single process).
+        param_dtype, reduce_dtype: FSDP2 compute and gradient-reduction dtypes (DeepSpeed: param_dtype).
         zero_stage: DeepSpeed ZeRO stage (0-3).
         offload_params: parameters, gradients and optimizer states on the host (FSDP2 CPUOffloadPolicy;
             DeepSpeed ZeRO-3 offload_param). offload_optimizer: DeepSpeed ZeRO-Offload of the optimizer states
@@ -62,50 +124,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         The model (FSDP2 or none), or the DeepSpeed engine wrapping it (backend deepspeed).
 
     Raises:
-        ValueError: unknown backend or cp mode, a mesh missing for world > 1, backend none with
-            several processes.
+        ValueError: unknown backend, optimizer-only offload with FSDP2, backend none with several processes.
     """
-    from longtrain.kernels.attention import get_attention_backend
-
-    local = get_attention_backend(attention_backend)
-    if dims.world_size > 1 and mesh is None:
-        raise ValueError(f"world size {dims.world_size} needs a mesh: pass dims.build_mesh(device_type)")
-
-    # 1. Attention: context-parallel (exchanges K/V across cp ranks) or the plain local backend.
-    #    First, so that activation checkpointing and compile wrap the final attention.
-    if dims.cp > 1:
-        from longtrain.parallel.context_parallel import apply_cp, cp_ulysses_degree
-
-        cp_ulysses_degree(cp_mode, dims)  # validates mode vs ulysses degree
-        apply_cp(model, cp_mode, mesh, local)
-    else:
-        model.set_attention(local)
-
-    # 2. Fused RMSNorm / RoPE / SwiGLU, then the tiled MLP (it tiles whatever MLP forward is then in place);
-    #    both before AC so checkpointing wraps the final block.
-    if fused_kernels:
-        from longtrain.kernels import apply_fused_kernels
-
-        apply_fused_kernels(model)
-
-    if tiled_mlp is not False and tiled_mlp is not None:
-        from longtrain.kernels.tiled_mlp import apply_tiled_mlp
-
-        apply_tiled_mlp(model, None if tiled_mlp is True else int(tiled_mlp))
-
-    # 3. Activation checkpointing (and offload): wraps the block forward, after it is final.
-    if ac_mode != "none" or offload_activations:
-        from longtrain.parallel.activation_checkpoint import apply_ac
-
-        apply_ac(model, ac_mode, offload=offload_activations, gpu_layers=gpu_checkpoint_layers,
-                 stride=checkpoint_stride)
-
-    # 4. Compile per block: after AC (compile traces through the checkpoint), before sharding
-    #    (FSDP2's hooks stay outside the compiled region, as in torchtitan).
-    if compile:
-        apply_compile(model)
-
-    # 5. Sharding last: it needs the final module structure.
     match backend:
         case "fsdp2":
             if offload_optimizer and not offload_params:
@@ -113,12 +133,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
                                  "(offload_params=True); for optimizer-only offload use backend deepspeed")
             if dims.world_size == 1 and not sharded_one_process:
                 return model
-            from longtrain.parallel.fsdp import apply_fsdp
-
             return apply_fsdp(model, mesh, param_dtype, reduce_dtype, cpu_offload=offload_params)
         case "deepspeed":
-            from longtrain.parallel.deepspeed import deepspeed_wrap
-
             return deepspeed_wrap(model, mesh, zero_stage=zero_stage, dtype=param_dtype,
                                   optimizer_factory=optimizer_factory, offload_optimizer=offload_optimizer,
                                   offload_params=offload_params, grad_clip=grad_clip)
@@ -131,4 +147,4 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
             raise ValueError(f"unknown sharding backend {backend!r}; valid: {', '.join(SHARDING_BACKENDS)}")
 
 
-__all__ = ["ParallelDims", "apply", "apply_compile", "SHARDING_BACKENDS"]
+__all__ = ["ParallelDims", "apply", "apply_compile", "apply_sharding", "SHARDING_BACKENDS"]

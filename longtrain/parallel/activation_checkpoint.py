@@ -234,25 +234,7 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
     layers = getattr(model, "layers", None)
     if layers is None:
         raise ValueError(f"apply_ac: {type(model).__name__} has no `.layers` of blocks")
-    match mode:
-        case "none" | "full" | "selective":
-            pass
-        case _:
-            raise ValueError(f"apply_ac: mode {mode!r} is not known; valid: {', '.join(AC_MODES)}")
-    if offload and mode == "selective":
-        raise NotImplementedError("activation offload with selective checkpointing is not supported: use "
-                                  "memory.activation_checkpoint=full with offload (ALST layout), or selective "
-                                  "without offload")
-    if seq_tile is not None and seq_tile < 1:
-        raise ValueError(f"apply_ac: seq_tile must be >= 1 or None, got {seq_tile}")
-    if gpu_layers and not (offload and mode == "full"):
-        raise ValueError(f"apply_ac: gpu_layers={gpu_layers} splits offloaded full checkpoints between GPU and "
-                         f"host; it needs mode 'full' with offload")
-    if not 0 <= gpu_layers <= len(layers):
-        raise ValueError(f"apply_ac: gpu_layers must be in 0..{len(layers)} (the model's layers), got {gpu_layers}")
-    if stride < 1 or (stride > 1 and mode != "full"):
-        raise ValueError(f"apply_ac: stride={stride}: one checkpoint per `stride` blocks needs mode 'full' and "
-                         f"stride >= 1")
+    _check_ac_args(mode, offload, seq_tile, gpu_layers, stride, len(layers))
     offloader = ActivationOffloader(host_budget_bytes, offload_min_bytes) if offload else None
     n_offloaded = len(layers) - gpu_layers if offload else len(layers)
     groups = [_Group(list(layers[g:min(g + stride, n_offloaded)])) for g in range(0, n_offloaded, stride)]
@@ -283,12 +265,40 @@ def apply_ac(model: nn.Module, mode: str, offload: bool = False, host_budget_byt
         block.forward = types.MethodType(lambda self, x, cos, sin, mask, _fn=fn: _fn(x, cos, sin, mask), block)
     norm = getattr(model, "norm", None)
     if seq_tile is not None and norm is not None:
-        # The final RMSNorm keeps an fp32 copy of the whole sequence (8 GiB at 1M tokens x 2048): tile it too.
-        if not hasattr(norm, "_unwrapped_forward"):
-            norm._unwrapped_forward = norm.forward
-        norm.forward = types.MethodType(
-            lambda self, x, _t=seq_tile: _tiled_checkpoint_forward(self._unwrapped_forward, _t, x), norm)
+        _tile_final_norm(norm, seq_tile)
     return offloader
+
+
+def _check_ac_args(mode: str, offload: bool, seq_tile: int | None, gpu_layers: int, stride: int,
+                   n_layers: int) -> None:
+    """apply_ac's checks on its switches (see its Raises)."""
+    match mode:
+        case "none" | "full" | "selective":
+            pass
+        case _:
+            raise ValueError(f"apply_ac: mode {mode!r} is not known; valid: {', '.join(AC_MODES)}")
+    if offload and mode == "selective":
+        raise NotImplementedError("activation offload with selective checkpointing is not supported: use "
+                                  "memory.activation_checkpoint=full with offload (ALST layout), or selective "
+                                  "without offload")
+    if seq_tile is not None and seq_tile < 1:
+        raise ValueError(f"apply_ac: seq_tile must be >= 1 or None, got {seq_tile}")
+    if gpu_layers and not (offload and mode == "full"):
+        raise ValueError(f"apply_ac: gpu_layers={gpu_layers} splits offloaded full checkpoints between GPU and "
+                         f"host; it needs mode 'full' with offload")
+    if not 0 <= gpu_layers <= n_layers:
+        raise ValueError(f"apply_ac: gpu_layers must be in 0..{n_layers} (the model's layers), got {gpu_layers}")
+    if stride < 1 or (stride > 1 and mode != "full"):
+        raise ValueError(f"apply_ac: stride={stride}: one checkpoint per `stride` blocks needs mode 'full' and "
+                         f"stride >= 1")
+
+
+def _tile_final_norm(norm: nn.Module, seq_tile: int) -> None:
+    """The final RMSNorm keeps an fp32 copy of the whole sequence (8 GiB at 1M tokens x 2048): tile it too."""
+    if not hasattr(norm, "_unwrapped_forward"):
+        norm._unwrapped_forward = norm.forward
+    norm.forward = types.MethodType(
+        lambda self, x, _t=seq_tile: _tiled_checkpoint_forward(self._unwrapped_forward, _t, x), norm)
 
 
 __all__ = ["AC_MODES", "GIB", "apply_ac", "attention_ops"]

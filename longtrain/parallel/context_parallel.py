@@ -17,7 +17,7 @@ Natural order. Zigzag sharding makes the gathered sequence (Ulysses) and the gat
 a permutation of the natural token order, whose mask a fused kernel cannot take (attention_layout.py:
 "general", i.e. flex). When the gathered indices are exactly a permutation of 0..S-1, the same in every
 row, both modes reorder tokens once into natural order so the local backend gets a "causal" / "varlen" /
-"full" call (measured on 2 H100s before this: weak-scaling efficiency 61-74% with flex on "general").
+"full" call (flex on "general" scaled worse: docs/benchmarks.md, "Earlier weak scaling").
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch import Tensor
 from longtrain.data.batch import Batch
 from longtrain.kernels.attention import AttnMask, attention_reference, get_attention_backend
 from longtrain.parallel.context_parallel import CP_MODES
-from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
 from longtrain.parallel.ring_attention import ring_blocks
 
 
@@ -164,8 +164,6 @@ def check_backend(backend: str, calls: list[LocalCall], n_heads: int, n_kv_heads
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longtrain.trainer.check_parallel import make_packed_batches
-
     p = argparse.ArgumentParser(prog="python -m longtrain.parallel.cp_local_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", required=True, help="attention backend to check against the reference")

@@ -136,3 +136,43 @@ def local_attn_mask(batch: Batch, window: int | None = None) -> AttnMask:
         return AttnMask.causal(bs, seqlen, batch.input_ids.device, batch.doc_ids, window)
     return AttnMask(q_index=batch.seq_index, k_index=batch.seq_index, q_doc=batch.doc_ids, k_doc=batch.doc_ids,
                     window=window, contiguous=False)
+
+
+def make_packed_batches(n_batches: int, bs: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[Batch]:
+    """Packed multi-document batches that stress CP sharding.
+
+    Each row holds: a few tiny documents (1-3 tokens), one long document (more than half the row,
+    so it spans every cp rank), then random-length documents; label positions that cross a document
+    boundary are ignored, plus a few random ignored labels. Even batches restart positions per
+    document, odd ones run them continuously across documents.
+
+    Returns:
+        `n_batches` global Batches of shape (bs, seq_len).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for b in range(n_batches):
+        ids = torch.randint(0, vocab_size, (bs, seq_len), generator=gen)
+        docs = torch.empty(bs, seq_len, dtype=torch.int64)
+        for row in range(bs):
+            lengths = [int(x) for x in torch.randint(1, 4, (3,), generator=gen)]
+            lengths.append(seq_len // 2 + int(torch.randint(1, max(2, seq_len // 4), (1,), generator=gen)))
+            while sum(lengths) < seq_len:
+                lengths.append(int(torch.randint(1, max(2, seq_len // 6), (1,), generator=gen)))
+            pos = 0
+            for d, n in enumerate(lengths):
+                docs[row, pos:min(pos + n, seq_len)] = d
+                pos += n
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        same_doc = docs[:, 1:] == docs[:, :-1]
+        labels[:, :-1] = torch.where(same_doc, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
+        labels[torch.rand(bs, seq_len, generator=gen) < 0.05] = IGNORE_INDEX
+        if b % 2 == 0:  # positions restart at each document
+            starts = torch.cat([torch.ones(bs, 1, dtype=torch.bool), ~same_doc], dim=1)
+            idx = torch.arange(seq_len).expand(bs, seq_len)
+            start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+            positions = idx - start_idx
+        else:
+            positions = torch.arange(seq_len).expand(bs, seq_len).clone()
+        batches.append(Batch(ids, labels, positions, docs))
+    return batches

@@ -22,13 +22,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtrain.data.batch import IGNORE_INDEX, Batch
+from longtrain import parallel
+from longtrain.data.batch import Batch
 from longtrain.kernels.attention import get_attention_backend
 from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.model.args import ModelArgs, model_flavor
 from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import CP_MODES, apply_cp, cp_ulysses_degree
-from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
+from longtrain.parallel.deepspeed import ds_backward, ds_full_grads
 from longtrain.parallel.dims import ParallelDims, submesh, validate_seq_len
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,46 +52,6 @@ class ParallelReport:
 
     def ok(self, tolerance: float) -> bool:
         return self.loss_rel_diff <= tolerance and self.max_rel_grad_diff <= tolerance
-
-
-def make_packed_batches(n_batches: int, bs: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[Batch]:
-    """Packed multi-document batches that stress CP sharding.
-
-    Each row holds: a few tiny documents (1-3 tokens), one long document (more than half the row,
-    so it spans every cp rank), then random-length documents; label positions that cross a document
-    boundary are ignored, plus a few random ignored labels. Even batches restart positions per
-    document, odd ones run them continuously across documents.
-
-    Returns:
-        `n_batches` global Batches of shape (bs, seq_len).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for b in range(n_batches):
-        ids = torch.randint(0, vocab_size, (bs, seq_len), generator=gen)
-        docs = torch.empty(bs, seq_len, dtype=torch.int64)
-        for row in range(bs):
-            lengths = [int(x) for x in torch.randint(1, 4, (3,), generator=gen)]
-            lengths.append(seq_len // 2 + int(torch.randint(1, max(2, seq_len // 4), (1,), generator=gen)))
-            while sum(lengths) < seq_len:
-                lengths.append(int(torch.randint(1, max(2, seq_len // 6), (1,), generator=gen)))
-            pos = 0
-            for d, n in enumerate(lengths):
-                docs[row, pos:min(pos + n, seq_len)] = d
-                pos += n
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        same_doc = docs[:, 1:] == docs[:, :-1]
-        labels[:, :-1] = torch.where(same_doc, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
-        labels[torch.rand(bs, seq_len, generator=gen) < 0.05] = IGNORE_INDEX
-        if b % 2 == 0:  # positions restart at each document
-            starts = torch.cat([torch.ones(bs, 1, dtype=torch.bool), ~same_doc], dim=1)
-            idx = torch.arange(seq_len).expand(bs, seq_len)
-            start_idx = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-            positions = idx - start_idx
-        else:
-            positions = torch.arange(seq_len).expand(bs, seq_len).clone()
-        batches.append(Batch(ids, labels, positions, docs))
-    return batches
 
 
 def _loss_sum(model: torch.nn.Module, batch: Batch, window: int | None) -> Tensor:
@@ -185,55 +147,70 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         loss = _loss_sum(ref, b, window) / denom
         loss.backward()
         loss_ref += loss.detach()
-    grads_ref = _full_grads(ref)
 
     # The layout, through the same parallel.apply the trainer uses (CP attention, memory switches, sharding).
+    engine = _apply_layout(model, dims, mesh, mode, sharding, attention_backend, backend, dtype, zero_stage, ac_mode,
+                           tiled_mlp)
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
-    engine = None
+    loss_par = torch.zeros((), device=device, dtype=torch.float32)
+    for b in batches[dp_rank::dims.dp]:
+        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
+        loss_par += _layout_backward(model, engine, local, window, denom)
+    dist.all_reduce(loss_par)
+    grads, grads_ref = _layout_grads(model, engine, sharding), _full_grads(ref)
+    worst, worst_name = _compare(grads, grads_ref)
+    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=_norm(grads),
+                          grad_norm_ref=_norm(grads_ref), max_rel_grad_diff=worst, worst_param=worst_name,
+                          n_valid_tokens=n_valid)
+
+
+def _norm(grads: dict[str, Tensor]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+
+
+def _layout_backward(model: Transformer, engine, local: Batch, window: int | None, denom: int) -> Tensor:
+    """Forward and backward of one local micro-batch through the parallel model; returns its loss (fp32)."""
+    if engine is not None:
+        loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
+        ds_backward(engine, loss)
+    else:
+        loss = _loss_sum(model, local, window) / denom
+        loss.backward()
+    return loss.detach().float()
+
+
+def _apply_layout(model: Transformer, dims: ParallelDims, mesh, mode: str, sharding: str, attention_backend: str,
+                  backend, dtype: torch.dtype, zero_stage: int, ac_mode: str, tiled_mlp: int | bool):
+    """Apply the layout to `model` in place; returns the DeepSpeed engine (sharding deepspeed), else None."""
     match sharding:
         case "fsdp2" | "deepspeed":
-            from longtrain import parallel
-
             out = parallel.apply(model, dims, mesh, cp_mode=mode, attention_backend=attention_backend,
                                  param_dtype=dtype, reduce_dtype=torch.float32, ac_mode=ac_mode, tiled_mlp=tiled_mlp,
                                  backend=sharding, zero_stage=zero_stage)
-            engine = out if sharding == "deepspeed" else None
+            return out if sharding == "deepspeed" else None
         case "none":  # CP attention only; gradients summed by all-reduce below (a check-only layout)
             if ac_mode != "none" or tiled_mlp:
                 raise ValueError("sharding 'none' applies CP attention only; use fsdp2 or deepspeed with ac_mode / "
                                  "tiled_mlp")
             model.to(dtype)
             apply_cp(model, mode, mesh, backend)
+            return None
         case _:
             raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp2, deepspeed, none")
-    loss_par = torch.zeros((), device=device, dtype=torch.float32)
-    for b in batches[dp_rank::dims.dp]:
-        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
-        if engine is not None:
-            loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
-            from longtrain.parallel.deepspeed import ds_backward
-            ds_backward(engine, loss)
-        else:
-            loss = _loss_sum(model, local, window) / denom
-            loss.backward()
-        loss_par += loss.detach().float()
-    dist.all_reduce(loss_par)
+
+
+def _layout_grads(model: Transformer, engine, sharding: str) -> dict[str, Tensor]:
+    """The full (unsharded, summed over ranks) gradients of the parallel model, by parameter name."""
     match sharding:
         case "none":
             for p in model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)  # cp (and dp) ranks hold different tokens: sum
-            grads = _full_grads(model)
+            return _full_grads(model)
         case "fsdp2":
-            grads = _full_grads(model)
+            return _full_grads(model)
         case "deepspeed":
-            from longtrain.parallel.deepspeed import ds_full_grads
-            grads = ds_full_grads(engine)
-    worst, worst_name = _compare(grads, grads_ref)
-    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
-    norm_ref = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads_ref.values())))
-    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=norm, grad_norm_ref=norm_ref,
-                          max_rel_grad_diff=worst, worst_param=worst_name, n_valid_tokens=n_valid)
+            return ds_full_grads(engine)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

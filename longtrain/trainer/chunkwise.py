@@ -184,17 +184,7 @@ def _run_chunks(model: nn.Module, batch: Batch, chunk: int, selected: list[bool]
             if not selected[c]:
                 continue
             s, e = bounds[c]
-            leaves = []
-            for w in wrappers:
-                w.start, w.end = s, e
-                w.current = None
-                if s > 0:
-                    pk = store.k[w.layer][:, :s].detach().requires_grad_(True)  # (bs, s, n_kv_heads, head_dim)
-                    pv = store.v[w.layer][:, :s].detach().requires_grad_(True)
-                    w.past = (pk, pv)
-                    leaves += [pk, pv]
-                else:
-                    w.past = None
+            _start_chunk(wrappers, store, s, e)
             with torch.enable_grad():
                 h = model.hidden_states(ids[:, s:e], pos[:, s:e], mask=_chunk_mask(index, docs, s, e, window))
                 loss_c = linear_cross_entropy(h, model.output_weight, labels[:, s:e], chunk_tokens=loss_chunk_tokens)
@@ -207,16 +197,35 @@ def _run_chunks(model: nn.Module, batch: Batch, chunk: int, selected: list[bool]
                     seeds += [(gk * kv_factor).to(k_c.dtype), (gv * kv_factor).to(v_c.dtype)]
                 seeds[0] = torch.ones_like(outputs[0])
                 torch.autograd.backward(outputs, seeds)
-            for w in wrappers:
-                if w.past is not None:
-                    pk, pv = w.past
-                    if pk.grad is not None:
-                        store.gk[w.layer][:, :s] += pk.grad.float()
-                    if pv.grad is not None:
-                        store.gv[w.layer][:, :s] += pv.grad.float()
-                w.past = w.current = None
-            del leaves, h, loss_c, outputs, seeds
+            _end_chunk(wrappers, store, s)
+            del h, loss_c, outputs, seeds
     finally:
         for layer, fn in zip(layers, originals):
             layer.self_attn.attn_fn = fn
     return loss_sum.detach()
+
+
+def _start_chunk(wrappers: list[_ChunkAttention], store: _KVStore, s: int, e: int) -> None:
+    """Point every layer's attention at chunk [s, e), with the stored K/V before it as gradient leaves."""
+    for w in wrappers:
+        w.start, w.end = s, e
+        w.current = None
+        if s > 0:
+            pk = store.k[w.layer][:, :s].detach().requires_grad_(True)  # (bs, s, n_kv_heads, head_dim)
+            pv = store.v[w.layer][:, :s].detach().requires_grad_(True)
+            w.past = (pk, pv)
+        else:
+            w.past = None
+
+
+def _end_chunk(wrappers: list[_ChunkAttention], store: _KVStore, s: int) -> None:
+    """Add the K/V gradients the chunk sent to the earlier chunks into the fp32 accumulators; drop its tensors."""
+    for w in wrappers:
+        if w.past is not None:
+            pk, pv = w.past
+            if pk.grad is not None:
+                store.gk[w.layer][:, :s] += pk.grad.float()
+            if pv.grad is not None:
+                store.gv[w.layer][:, :s] += pv.grad.float()
+        w.past = w.current = None
+

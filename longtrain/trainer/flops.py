@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from longtrain.kernels.attention import AttnMask
 from longtrain.model.args import ModelArgs
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' datasheets, keyed by a substring of
@@ -223,8 +224,6 @@ def measure_attention_flops(attn_fn: Callable, args: ModelArgs, seq_len: int, de
     Returns:
         12 * n_heads * head_dim * visible pairs / measured seconds.
     """
-    from longtrain.kernels.attention import AttnMask  # kernels is a leaf: importing it from trainer is fine
-
     device = torch.device(device)
     doc = None
     if doc_lens is not None:

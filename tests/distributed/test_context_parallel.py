@@ -1,7 +1,7 @@
 """Context-parallel attention (every mode) and FSDP2 against cp=1 on gloo ranks, fp32.
 
 Each spawn groups several checks (process start-up dominates on 2 cores). The data are packed
-multi-document batches (make_packed_batches): tiny documents, one document spanning every rank,
+multi-document batches (parallel.cp_shard.make_packed_batches): tiny documents, one document spanning every rank,
 lengths not divisible by 2*cp.
 
 Tolerance: fp32 throughout; CP changes only the summation order of the attention (LSE merge) and of the
@@ -21,9 +21,9 @@ from longtrain.kernels.attention import AttnMask, attention_reference
 from longtrain.model.args import model_flavor
 from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import apply_cp, make_cp_attention
-from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
+from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims
-from longtrain.trainer.check_parallel import _loss_sum, check_parallel, make_packed_batches
+from longtrain.trainer.check_parallel import _loss_sum, check_parallel
 
 pytestmark = pytest.mark.distributed
 

@@ -21,7 +21,7 @@ from longtrain.kernels.attention_layout import classify
 from longtrain.parallel.context_parallel import CPGroups, make_cp_attention, ulysses_attention
 from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims
-from longtrain.trainer.check_parallel import make_packed_batches
+from longtrain.parallel.cp_shard import make_packed_batches
 
 pytestmark = pytest.mark.distributed
 

@@ -6,7 +6,7 @@ import torch
 from longtrain.data.batch import IGNORE_INDEX, Batch
 from longtrain.parallel.cp_shard import cp_shard_indices, local_attn_mask, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims, validate_seq_len
-from longtrain.trainer.check_parallel import make_packed_batches
+from longtrain.parallel.cp_shard import make_packed_batches
 
 
 def _batch(seqlen: int = 37, bs: int = 2) -> Batch:

@@ -68,7 +68,8 @@ def _zero3_offload(rank: int, world: int) -> None:
     from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
     from longtrain.parallel.deepspeed import deepspeed_wrap, ds_backward
     from longtrain.parallel.dims import ParallelDims
-    from longtrain.trainer.check_parallel import _loss_sum, make_packed_batches
+    from longtrain.parallel.cp_shard import make_packed_batches
+    from longtrain.trainer.check_parallel import _loss_sum
 
     mesh = ParallelDims(cp=2, world_size=world).build_mesh("cpu")
     model = Transformer(model_flavor("debug"))

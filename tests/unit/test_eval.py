@@ -237,7 +237,7 @@ def _train_fixed_key(tok, steps: int, seed: int = 0):
     """A tiny Llama trained on passkey sequences that all hide one key, at random depths (full next-token loss).
 
     Learning to *retrieve* random keys takes this model far more steps than a unit test may spend (see
-    docs/eval.md and benchmarks/demo_search.py); a fixed key is learned in a few dozen steps and is enough to
+    docs/eval.md "A real report"); a fixed key is learned in a few dozen steps and is enough to
     check the eval end to end: alignment of answer positions, teacher-forced argmax, exact match, and that
     a grid of random keys is not fooled by a memorised one.
     """

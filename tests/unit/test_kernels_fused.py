@@ -24,7 +24,7 @@ _FRESH = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1
 if _FRESH:
     _old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-from longtrain.kernels import apply_fused_kernels  # noqa: E402
+from longtrain.parallel.fused_kernels import apply_fused_kernels  # noqa: E402
 from longtrain.kernels import rmsnorm as rmsnorm_mod  # noqa: E402
 from longtrain.kernels.cross_entropy_grad import ce_loss_and_grad_inplace, ce_loss_and_grad_reference  # noqa: E402
 from longtrain.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402

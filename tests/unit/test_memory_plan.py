@@ -201,7 +201,7 @@ def _measured_saved_bytes_per_token(args: ModelArgs, seq: int, fused: bool) -> f
     model = Transformer(args).to(torch.bfloat16)
     model.set_attention(lambda q, k, v, mask, scale: _CpuFlash.apply(q, k, v, scale))
     if fused:
-        from longtrain.kernels import apply_fused_kernels
+        from longtrain.parallel.fused_kernels import apply_fused_kernels
 
         apply_fused_kernels(model)
     x = model.embed_tokens(torch.randint(0, args.vocab_size, (1, seq))).detach().requires_grad_()

@@ -1,0 +1,15 @@
+"""Values every layer shares, at the bottom of the import graph: this module imports nothing of longtrain.
+
+kernels/, data/, model/, parallel/ and trainer/ read these from here, so that no layer imports a sibling or
+a layer above it for a constant. (data/batch.py still spells IGNORE_INDEX itself; tests/unit/test_layers.py
+checks that the two agree until it imports it from here.)
+"""
+
+# A label equal to IGNORE_INDEX is not scored (torch cross_entropy's ignore_index; Hugging Face uses it too).
+IGNORE_INDEX = -100
+
+# A key token whose document id is ANCHOR_DOC is visible to queries of every document
+# (AnchorAttention, arXiv:2411.13476: the first token is a shared attention sink).
+ANCHOR_DOC = -1
+
+__all__ = ["ANCHOR_DOC", "IGNORE_INDEX"]
