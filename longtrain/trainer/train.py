@@ -11,36 +11,27 @@ One step (torchtitan `train.py` forward_backward_step, PITFALLS.md "Loss and gra
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import math
-import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import yaml
 
 from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
 from longtrain.trainer import build
-from longtrain.trainer.checkpoint import CheckpointMeta, load_checkpoint, newest_intact, read_meta, save_checkpoint
-from longtrain.trainer.checkpoint import CheckpointDamaged, verified_checkpoint
-from longtrain.trainer.data import BatchSource
-from longtrain.trainer.data_layout import build_stage_source, remap_rank_state
-from longtrain.trainer.distributed import DistInfo, all_reduce, broadcast_object, init_distributed
-from longtrain.trainer.metrics import MetricsLogger, memory_gib
+from longtrain.trainer.data_layout import build_stage_source
+from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
+from longtrain.trainer.metrics import memory_gib
 from longtrain.trainer.optim import build_scheduler
-from longtrain.trainer.resume import ResumePlan, continue_stage, plan_resume, read_saved_recipe
+from longtrain.trainer.policies import BadSteps, Checkpoints, Preemption, TrainingError
+from longtrain.trainer.resume import continue_stage
+from longtrain.trainer.run_setup import RunContext, seed_everything, set_stage_rope, start_run
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (too many NaN/inf steps)."""
+__all__ = ["TrainResult", "TrainingError", "StepStats", "micro_batches_per_step", "seed_everything", "train",
+           "train_step"]
 
 
 @dataclass
@@ -59,39 +50,6 @@ class StepStats:
     grad_norm: float
     valid_tokens: int
     skipped: bool
-
-
-class _Preemption:
-    """SIGTERM (a scheduler preempting the job) sets a flag; the loop checkpoints at the end of the step."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.requested = False
-        self.previous = None
-
-    def install(self) -> None:
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler
-            self.previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def uninstall(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-    def agreed(self) -> bool:
-        # Every rank must take the same branch (the save is collective): any rank's signal stops all.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        return bool(all_reduce(flag, dist.ReduceOp.MAX).item() > 0)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def micro_batches_per_step(stage: StageConfig, dp_size: int) -> int:
@@ -171,137 +129,99 @@ def train(recipe: Recipe, info: DistInfo | None = None) -> TrainResult:
         TrainingError: more than train.max_bad_steps NaN/inf steps.
         ValueError: a bad resume path or a batch size that does not divide.
     """
-    wb = recipe.logging.wandb
-    if wb is not None and wb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
-        # Before anything is built: a missing logger should not cost a model load.
-        raise ImportError("the recipe's logging.wandb block needs the wandb package: "
-                          "pip install 'longtrain[wandb]' (or remove logging.wandb)")
-    info = info or init_distributed()
-    run_dir = Path(recipe.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    # Before anything is built: which checkpoint (the newest intact one), and whether this recipe may resume it.
-    resume_from, plan, warnings_text = _resume_plan(recipe, ckpt_root, info)
-    from longtrain.data.tokenizer import load_tokenizer
-    from longtrain.trainer.checks import check_vocab, cpu_thread_warning
-
-    tokenizer = load_tokenizer(recipe.model.tokenizer)
-    check_vocab(tokenizer, recipe.model.model_args(), recipe.source)  # before any text is tokenized
-    if info.device.type == "cpu" and (note := cpu_thread_warning()) is not None:
-        warnings_text.append(note)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    seed_everything(recipe.train.seed + info.rank)
-    if info.device.type == "cpu":
-        # Subnormal floats (tiny gradients and Adam moments of a converging small model) take a slow path in
-        # x86 arithmetic; flushing them to zero changes no result that matters and removes that risk.
-        torch.set_flush_denormal(True)
-    layout = build.build_layout(recipe, info)
-    engine = build.build_engine(recipe, info, layout)
-    model, optimizer = engine.model, engine.optimizer
-    base_rope, base_max_pos = dict(model.args.rope), model.args.max_position_embeddings
-    step, start_stage, start_stage_step, rank_state, bad_steps = 0, 0, 0, None, 0
-    data_dp = plan.data_dp if plan is not None else layout.dp_size  # the run's data layout, kept for good
-    if resume_from is not None:
-        # Restore the rope of the stage in progress first: the rotary buffers are not part of the state dict.
-        _set_stage_rope(model, recipe, min(plan.stage, len(recipe.stages) - 1), base_rope, base_max_pos)
-        step, rank_state = _restore(resume_from, plan, engine, layout, info)
-        start_stage, start_stage_step, bad_steps = plan.stage, plan.stage_step, rank_state["bad_steps"]
-    if info.is_main:  # only a run that starts records its recipe (a refused resume leaves the old one)
-        recipe.save(run_dir / "recipe.yaml")
-    total_steps = sum(s.steps for s in recipe.stages)
-    logger = MetricsLogger(run_dir, recipe.logging, recipe.name, recipe.to_dict(), total_steps, step, info.is_main)
-    _log_start(logger, recipe, warnings_text, resume_from, plan, step)
-    result = TrainResult(run_dir, step, bad_steps=bad_steps)
-    preempt = _Preemption(info.device)
+    run = start_run(recipe, info or init_distributed())
+    result = TrainResult(Path(recipe.run_dir), run.step, bad_steps=run.bad_steps)
+    preempt = Preemption(run.info.device)
     preempt.install()
-    source: BatchSource | None = None
     try:
-        for si in range(start_stage, len(recipe.stages)):
-            stage = recipe.stages[si]
-            _set_stage_rope(model, recipe, si, base_rope, base_max_pos)
-            if stage.memory != recipe.stages[0].memory:
-                # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
-                raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
-                                          f"level (it applies to every stage)")
-            source = build_stage_source(stage, tokenizer, layout.dp_rank, layout.dp_size, data_dp)
-            scheduler = build_scheduler(optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
-            n_micro = micro_batches_per_step(stage, layout.dp_size)
-            stage_step = 0
-            if rank_state is not None and si == start_stage and start_stage_step > 0:
-                stage_step = continue_stage(source, scheduler, optimizer, rank_state, start_stage_step, n_micro,
-                                            logger)
-            fpt, peak = _throughput_model(model.args, stage.seq_len, info.device)
-            ceiling = _stage_ceiling(recipe, model, stage, layout, info, logger)
-            while stage_step < stage.steps:
-                t0 = time.perf_counter()
-                batches = [source.next_batch() for _ in range(n_micro)]
-                # Chunk selection of sparse chunkwise training: seeded by the step, so a resumed run draws the same.
-                gen = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + step)
-                stats = train_step(engine, batches, info, layout, stage,
-                                   inject_nan=step + 1 in stage.train.debug_nan_steps, generator=gen)
-                lr = scheduler.get_last_lr()[0]
-                with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                    scheduler.step()  # the schedule follows the step count, skipped steps included
-                step, stage_step = step + 1, stage_step + 1
-                dt = time.perf_counter() - t0
-                if stats.skipped:
-                    bad_steps += 1
-                    result.bad_steps = bad_steps
-                    logger.write(f"step {step}: loss {stats.loss} / grad norm {stats.grad_norm} is not finite "
-                                 f"(or no valid token): update skipped ({bad_steps} of at most "
-                                 f"{stage.train.max_bad_steps} allowed)")
-                    if bad_steps > stage.train.max_bad_steps:
-                        raise TrainingError(
-                            f"stopping at step {step} (stage {stage.name!r}): {bad_steps} steps had a NaN/inf loss "
-                            f"or gradient norm, more than train.max_bad_steps={stage.train.max_bad_steps}. Lower the "
-                            f"learning rate, check the data, or resume from the last checkpoint in {ckpt_root}.")
-                result.losses[step] = stats.loss
-                if step % recipe.logging.every_steps == 0 or stage_step == stage.steps:
-                    tokens = stage.seq_len * stage.train.micro_batch * n_micro * layout.dp_size
-                    tps = tokens / dt
-                    mfu = None
-                    if fpt is not None and peak is not None:
-                        from longtrain.trainer.flops import mfu as mfu_fn
-
-                        mfu = mfu_fn(tps / info.world_size, fpt, peak)
-                    logger.log({"step": step, "stage": si, "stage_name": stage.name, "loss": stats.loss,
-                                "lr": lr, "grad_norm": stats.grad_norm, "valid_tokens": stats.valid_tokens,
-                                "tokens_per_s": tps, "mfu": mfu, "mfu_ceiling": ceiling,
-                                "memory_gib": memory_gib(info.device),
-                                "skipped": stats.skipped, "bad_steps": bad_steps})
-                done_stage = stage_step == stage.steps
-                next_stage, next_step = (si + 1, 0) if done_stage else (si, stage_step)
-                stop_now = recipe.train.stop_after_steps is not None and step >= recipe.train.stop_after_steps
-                preempted = preempt.agreed()
-                periodic = recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0
-                last = done_stage and si == len(recipe.stages) - 1 and recipe.checkpoint.at_end
-                if periodic or last or stop_now or preempted:
-                    _save(recipe, engine, source, scheduler, info, ckpt_root, recipe_yaml,
-                          step, next_stage, next_step, bad_steps, data_dp)
-                if preempted or stop_now:
-                    result.status = "preempted" if preempted else "stopped"
-                    logger.write(f"{result.status} at step {step}: checkpoint in {ckpt_root / ('step-%d' % step)}")
-                    break
-            source.close()
-            # A stage that ended is evaluated, also when a stop_after_steps slot ends with it (a resumed run starts
-            # at the next stage). Preemption leaves at once: the grace period is for the checkpoint.
-            if stage.eval is not None and stage_step == stage.steps and result.status != "preempted":
-                from longtrain.trainer.stage_eval import evaluate_stage
-
-                result.evals += evaluate_stage(model, recipe, si, tokenizer, info, logger, layout.sharded,
-                                               engine.full_state_dict)
+        for si in range(run.start_stage, len(recipe.stages)):
+            _train_stage(run, si, result, preempt)
             if result.status != "done":
-                result.step = step
-                return result
-        result.step = step
+                break
+        result.step = run.step
         return result
     finally:
-        if source is not None:
-            source.close()  # stop the prefetch thread (also when a TrainingError ends the run)
         preempt.uninstall()
-        logger.close()
+        run.logger.close()
+
+
+def _train_stage(run: RunContext, si: int, result: TrainResult, preempt: Preemption) -> None:
+    """The steps of stage `si` (from where a resumed run left it), its checkpoints, then its evaluation."""
+    recipe, info, layout, engine = run.recipe, run.info, run.layout, run.engine
+    stage = recipe.stages[si]
+    set_stage_rope(run, si)
+    if stage.memory != recipe.stages[0].memory:
+        # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
+        raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
+                                  f"level (it applies to every stage)")
+    source = build_stage_source(stage, run.tokenizer, layout.dp_rank, layout.dp_size, run.data_dp)
+    try:
+        scheduler = build_scheduler(engine.optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)
+        n_micro = micro_batches_per_step(stage, layout.dp_size)
+        stage_step = 0
+        if run.rank_state is not None and si == run.start_stage and run.start_stage_step > 0:
+            stage_step = continue_stage(source, scheduler, engine.optimizer, run.rank_state, run.start_stage_step,
+                                        n_micro, run.logger)
+        throughput = (*_throughput_model(engine.model.args, stage.seq_len, info.device),
+                      _stage_ceiling(recipe, engine.model, stage, layout, info, run.logger))
+        bad = BadSteps(run.bad_steps, run.ckpt_root, run.logger)
+        checkpoints = Checkpoints(recipe, info, run.ckpt_root, run.recipe_yaml, run.data_dp)
+        while stage_step < stage.steps:
+            t0 = time.perf_counter()
+            batches = [source.next_batch() for _ in range(n_micro)]
+            # Chunk selection of sparse chunkwise training: seeded by the step, so a resumed run draws the same.
+            gen = torch.Generator().manual_seed(recipe.train.seed * 1_000_003 + run.step)
+            stats = train_step(engine, batches, info, layout, stage,
+                               inject_nan=run.step + 1 in stage.train.debug_nan_steps, generator=gen)
+            lr = scheduler.get_last_lr()[0]
+            with warnings.catch_warnings():  # after a skipped update torch warns that step() came first
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()  # the schedule follows the step count, skipped steps included
+            run.step, stage_step = run.step + 1, stage_step + 1
+            dt = time.perf_counter() - t0
+            if stats.skipped:
+                bad.record(run.step, stage, stats.loss, stats.grad_norm)
+                run.bad_steps = result.bad_steps = bad.count
+            result.losses[run.step] = stats.loss
+            if run.step % recipe.logging.every_steps == 0 or stage_step == stage.steps:
+                _log_step(run, si, stats, lr, dt, n_micro, throughput)
+            done_stage = stage_step == stage.steps
+            stop_now = recipe.train.stop_after_steps is not None and run.step >= recipe.train.stop_after_steps
+            preempted = preempt.agreed()
+            if checkpoints.due(run.step, done_stage and si == len(recipe.stages) - 1, stop_now or preempted):
+                next_stage, next_step = (si + 1, 0) if done_stage else (si, stage_step)
+                checkpoints.save(engine, source, scheduler, run.step, next_stage, next_step, run.bad_steps)
+            if preempted or stop_now:
+                result.status = "preempted" if preempted else "stopped"
+                run.logger.write(f"{result.status} at step {run.step}: checkpoint in "
+                                 f"{run.ckpt_root / ('step-%d' % run.step)}")
+                break
+    finally:
+        source.close()  # stop the prefetch thread (also when a TrainingError ends the run)
+    # A stage that ended is evaluated, also when a stop_after_steps slot ends with it (a resumed run starts at the
+    # next stage). Preemption leaves at once: the grace period is for the checkpoint.
+    if stage.eval is not None and stage_step == stage.steps and result.status != "preempted":
+        from longtrain.trainer.stage_eval import evaluate_stage
+
+        result.evals += evaluate_stage(engine.model, recipe, si, run.tokenizer, info, run.logger, layout.sharded,
+                                       engine.full_state_dict)
+
+
+def _log_step(run: RunContext, si: int, stats: StepStats, lr: float, dt: float, n_micro: int,
+              throughput: tuple[float | None, float | None, float | None]) -> None:
+    """One metrics row: loss, lr, gradient norm, tokens/s, MFU (of the peak and of the measured ceiling), memory."""
+    stage, layout, info = run.recipe.stages[si], run.layout, run.info
+    fpt, peak, ceiling = throughput
+    tps = stage.seq_len * stage.train.micro_batch * n_micro * layout.dp_size / dt
+    mfu = None
+    if fpt is not None and peak is not None:
+        from longtrain.trainer.flops import mfu as mfu_fn
+
+        mfu = mfu_fn(tps / info.world_size, fpt, peak)
+    run.logger.log({"step": run.step, "stage": si, "stage_name": stage.name, "loss": stats.loss, "lr": lr,
+                    "grad_norm": stats.grad_norm, "valid_tokens": stats.valid_tokens, "tokens_per_s": tps,
+                    "mfu": mfu, "mfu_ceiling": ceiling, "memory_gib": memory_gib(info.device),
+                    "skipped": stats.skipped, "bad_steps": run.bad_steps})
 
 
 def _stage_ceiling(recipe: Recipe, model, stage: StageConfig, layout, info: DistInfo, logger) -> float | None:
@@ -332,97 +252,3 @@ def _throughput_model(args, seq_len: int, device: torch.device) -> tuple[float |
     except ImportError:  # the throughput helper's module: MFU is reported as null without it
         return None, None
     return flops.flops_per_token(args, seq_len), flops.device_peak_flops(device)
-
-
-def _set_stage_rope(model, recipe: Recipe, si: int, base_rope: dict, base_max_pos: int) -> None:
-    rope = build.stage_rope(recipe, si, base_rope)
-    max_pos = base_max_pos
-    for st in recipe.stages[: si + 1]:
-        max_pos = build.stage_max_positions(st, max_pos, base_max_pos)
-    if rope != model.args.rope or max_pos != model.args.max_position_embeddings:
-        model.set_rope(rope, max_pos)
-
-
-def _restore(ckpt: Path, plan: ResumePlan, engine, layout, info: DistInfo) -> tuple[int, dict]:
-    """Load the checkpoint (collective); returns the global step and this rank's state, loader states remapped
-    when the layout changed (data_layout.py)."""
-    meta, rank_state = load_checkpoint(ckpt, engine, info.rank, any_rank=plan.relayout)
-    if plan.relayout:
-        remap_rank_state(rank_state, ckpt, meta.world_size, layout.dp_rank, layout.dp_size)
-    return meta.step, rank_state
-
-
-def _log_start(logger, recipe: Recipe, notes: list[str], ckpt: Path | None, plan: ResumePlan | None,
-               step: int) -> None:
-    for text in notes:
-        logger.write(text)
-    if ckpt is None:
-        return
-    where = f"stage {recipe.stages[plan.stage].name!r}" if plan.stage < len(recipe.stages) else "every stage is done"
-    logger.write(f"resumed from {ckpt} at step {step} ({where})")
-    for line in plan.changes:
-        logger.write(f"recipe changed since the checkpoint, applied from step {step + 1}: {line}")
-
-
-def _resume_plan(recipe: Recipe, ckpt_root: Path, info: DistInfo) -> tuple[Path | None, ResumePlan | None, list[str]]:
-    """The checkpoint to resume (train.resume), where to continue, and warnings about damaged checkpoints passed over.
-
-    Rank 0 decides and tells the others (one file-system view, one decision); every rank raises the same
-    ResumeError / CheckpointDamaged, so the user sees one message and no collective is left waiting.
-    """
-    def decide():
-        try:
-            return _decide_resume(recipe, ckpt_root, info.world_size)
-        except Exception as e:  # user errors (ResumeError, CheckpointDamaged, a bad path) and bugs alike
-            if info.world_size == 1:
-                raise
-            return e
-
-    decided = broadcast_object(decide() if info.is_main else None)
-    if isinstance(decided, Exception):
-        raise decided
-    return decided
-
-
-def _decide_resume(recipe: Recipe, ckpt_root: Path, world_size: int):
-    notes: list[str] = []
-    match recipe.train.resume:
-        case "never":
-            return None, None, notes
-        case "auto":
-            ckpt, damaged = newest_intact(ckpt_root)
-            if ckpt is None and damaged:  # starting over would overwrite them: the user decides
-                raise CheckpointDamaged(
-                    f"every checkpoint in {ckpt_root} is damaged: " + "; ".join(p for _, p in damaged) + ". To "
-                    f"start over from step 0, set train.resume=never (new checkpoints will replace these) or use "
-                    f"another run_dir.")
-            for bad, problem in damaged:
-                notes.append(f"warning: checkpoint {bad} is damaged and is skipped: {problem}")
-            if damaged:
-                notes.append(f"warning: resuming from {ckpt}, the newest intact checkpoint")
-            if ckpt is None:
-                return None, None, notes
-        case path:
-            ckpt = verified_checkpoint(path)
-    meta = read_meta(ckpt)
-    saved_data_dp = torch.load(ckpt / "rank-00000.pt", weights_only=False).get("data_dp_size")
-    return ckpt, plan_resume(read_saved_recipe(ckpt), recipe, meta, ckpt, world_size, saved_data_dp), notes
-
-
-def _save(recipe: Recipe, engine, source: BatchSource, scheduler, info: DistInfo, ckpt_root: Path,
-          recipe_yaml: str, step: int, next_stage: int, next_step: int, bad_steps: int, data_dp: int) -> None:
-    # After the last step of a stage the checkpoint points at the next stage, step 0: its loader and
-    # scheduler are built fresh on resume, so the saved ones are only used mid-stage.
-    lora = recipe.model.lora
-    meta = CheckpointMeta(step=step, stage=next_stage, stage_step=next_step,
-                          model_args=build.args_dict(engine.model.args),
-                          lora=dataclasses.asdict(lora) if lora is not None else None,
-                          tokenizer=recipe.model.tokenizer, world_size=info.world_size)
-    done_stage = next_step == 0
-    rank_state = {"data": None if done_stage else source.state_dict(),
-                  "scheduler": None if done_stage else scheduler.state_dict(), "bad_steps": bad_steps,
-                  # the finished stage's loader position: more steps for it (a raised stages.N.steps) continue there
-                  "stage_end": {"data": source.state_dict()} if done_stage else None,
-                  "data_dp_size": data_dp}  # the run's data layout (data_layout.py): kept on another layout
-    save_checkpoint(ckpt_root, meta, engine, rank_state, info.rank, recipe_yaml,
-                    recipe.checkpoint.keep_last, recipe.checkpoint.debug_pause_s)
