@@ -2,13 +2,9 @@
 (trainer/data_layout.py), so the losses after the resume equal the uninterrupted run's (fp32, gloo)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from longtrain.config import build_recipe
 from longtrain.trainer.train import train
@@ -29,17 +25,9 @@ REL = 1e-5
 
 
 def torchrun(tmp_path: Path, run_dir: Path, *overrides: str) -> str:
-    from tests.integration.test_train_torchrun import free_port
+    from tests.integration.test_train_torchrun import torchrun as run_torchrun
 
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(RAW))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "longtrain", "train", str(recipe), f"run_dir={run_dir}",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return run_torchrun(tmp_path, run_dir, *overrides, raw=RAW)
 
 
 def in_process(run_dir: Path, *overrides: str):

@@ -32,15 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path: Path, run_dir: Path, *overrides: str) -> None:
+def torchrun(tmp_path: Path, run_dir: Path, *overrides: str, raw: dict | None = None) -> str:
+    """`longtrain train` under torchrun on 2 CPU processes (gloo) with the recipe `raw` (default RAW); its stdout."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(RAW))
+    recipe.write_text(yaml.safe_dump(raw or RAW))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "longtrain", "train", str(recipe), f"run_dir={run_dir}",
            *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def logged(run_dir: Path) -> dict[int, dict]:
