@@ -25,8 +25,6 @@ all-gather and hybrid attention take any permutation of the tokens over ranks (t
 
 from __future__ import annotations
 
-import heapq
-
 import torch
 from torch import Tensor
 
@@ -34,14 +32,12 @@ TOLERANCE = 0.01  # stop adding zigzag-split documents once the largest rank is 
 MAX_TRIALS = 8  # values of k tried past the first
 
 
-def doc_runs(doc_row: list[int]) -> list[tuple[int, int]]:
+def doc_runs(doc_row: Tensor | list[int]) -> list[tuple[int, int]]:
     """[start, end) of each run of equal document ids in one row."""
-    runs, start = [], 0
-    for i in range(1, len(doc_row) + 1):
-        if i == len(doc_row) or doc_row[i] != doc_row[start]:
-            runs.append((start, i))
-            start = i
-    return runs
+    doc_row = torch.as_tensor(doc_row)
+    cuts = ((doc_row[1:] != doc_row[:-1]).nonzero().squeeze(1) + 1).tolist()
+    bounds = [0] + cuts + [doc_row.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _prefix_work(n: int, window: int | None) -> int:
@@ -100,11 +96,11 @@ def _assign(runs: list[tuple[int, int]], ring: int, local: int, n_split: int, wi
     return pieces, load
 
 
-def balanced_pieces(doc_row: list[int], ring: int, window: int | None = None) -> list[list[tuple[int, int]]]:
+def balanced_pieces(doc_row: Tensor | list[int], ring: int, window: int | None = None) -> list[list[tuple[int, int]]]:
     """The balanced layout of one row: each ring rank's [a, b) ranges in ascending order.
 
     Args:
-        doc_row: the row's document ids (length a multiple of `ring`).
+        doc_row: the row's document ids, (S,) (S a multiple of `ring`).
         ring: the number of ranks that shard the sequence (cp / ulysses).
         window: sliding window of the model, None for full causal (only the cost model uses it).
 
@@ -143,7 +139,7 @@ def balanced_shard_indices(doc_ids: Tensor, cp_rank: int, cp_size: int, ulysses:
     ring, ring_rank, u_rank = cp_size // ulysses, cp_rank // ulysses, cp_rank % ulysses
     local = seqlen // cp_size
     rows = []
-    for row in doc_ids.tolist():
+    for row in doc_ids.cpu():
         ranges = balanced_pieces(row, ring, window)[ring_rank]
         idx = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in ranges])  # (seqlen // ring,)
         rows.append(idx[u_rank * local:(u_rank + 1) * local])

@@ -83,3 +83,16 @@ def test_length_a_multiple_of_cp_only():
     assert all(sum(b - a for a, b in p) == 9 for p in pieces)
     # Each rank's ranges are sorted and disjoint: runs of consecutive tokens for varlen kernels.
     assert all(p == sorted(p) for p in pieces)
+
+
+def test_planner_knows_the_layout():
+    from longtrain.model.args import model_flavor
+    from longtrain.plan.memory import plan_memory
+
+    args = model_flavor("debug")
+    # 36 tokens on cp=4: balanced holds 9 a rank; zigzag (and auto) pad to 40 first, 10 a rank.
+    assert plan_memory(args, 36, cp=4, cp_layout="balanced").tokens_per_gpu == 9
+    assert plan_memory(args, 36, cp=4, cp_layout="zigzag").tokens_per_gpu == 10
+    assert plan_memory(args, 36, cp=4, cp_layout="auto").tokens_per_gpu == 10
+    with pytest.raises(ValueError, match="cp_layout 'spiral'"):
+        plan_memory(args, 36, cp=4, cp_layout="spiral")
