@@ -86,10 +86,12 @@ def owners(row: list[int], cp: int, layout: str) -> torch.Tensor:
 
 
 def work_stats(row: list[int], cp: int, layout: str) -> dict:
+    doc = torch.tensor(row)
     t0 = time.perf_counter()
-    owner = owners(row, cp, layout)
+    balanced_pieces(doc, cp)  # what prepare_cp_inputs pays per row on each rank (host, one core)
     solve_s = time.perf_counter() - t0
-    pairs = pair_counts(torch.tensor(row), owner, cp).double()  # (cp, cp) [query rank, key rank]
+    owner = owners(row, cp, layout)
+    pairs = pair_counts(doc, owner, cp).double()  # (cp, cp) [query rank, key rank]
     total = pairs.sum(1)
     mean = float(total.mean())
     steps = torch.stack([pairs[torch.arange(cp), (torch.arange(cp) - s) % cp] for s in range(cp)])  # (step, rank)
