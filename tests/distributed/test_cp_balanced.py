@@ -6,9 +6,12 @@ that are not multiples of 2*cp (the balanced layout needs no padding there), and
 a multiple of cp). Tolerance as tests/distributed/test_context_parallel.py: only summation order differs.
 """
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.distributed as dist
 
 from spawn_util import run_ranks
 
@@ -21,6 +24,7 @@ from test_context_parallel import _attention_parity
 pytestmark = pytest.mark.distributed
 
 FP32_TOL = 1e-5  # fp32: only reduction order differs from cp=1
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assert_ok(report, what: str) -> None:
@@ -77,3 +81,47 @@ def test_cp_balanced_world2():
 
 def test_cp_balanced_world4():
     run_ranks(_world4, 4)
+
+
+def _packed_recipe(run_dir: str, corpus: str, overrides: list[str]):
+    """The golden recipe (tests/golden/cases.py) on a corpus of short and long text documents, packed."""
+    sys.path.insert(0, str(ROOT))
+    from longtrain.config import build_recipe
+    from tests.golden.cases import BASE
+
+    base = {**BASE, "data": {"sources": [{"path": corpus}], "packing": "reset", "seed": 7}}
+    return build_recipe(base, [f"run_dir={run_dir}", *overrides])
+
+
+def _write_corpus(path: Path) -> None:
+    rng = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "key", "value", "long", "short"]
+    docs = []
+    for i in range(200):
+        n = int(torch.randint(2, 60, (1,), generator=rng)) if i % 5 else 150
+        docs.append(" ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=rng)))
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def _train_rank(rank: int, world: int, run_dir: str, corpus: str, overrides: list[str], out: str) -> None:
+    from longtrain.trainer.train import train
+
+    torch.set_num_threads(1)
+    result = train(_packed_recipe(run_dir, corpus, overrides))
+    if rank == 0:
+        Path(out).write_text(json.dumps([result.losses[s] for s in sorted(result.losses)]))
+
+
+def test_trainer_balanced_matches_cp1(tmp_path):
+    """The trainer's path (recipe key -> Layout.cp_layout -> prepare_cp_inputs) on packed documents: cp=2
+    ring with the balanced and the auto layout give the cp=1 losses within the fp32 tolerance."""
+    corpus = tmp_path / "docs.jsonl"
+    _write_corpus(corpus)
+    ref = tmp_path / "ref.json"
+    run_ranks(_train_rank, 1, str(tmp_path / "ref"), str(corpus), [], str(ref))
+    expected = json.loads(ref.read_text())
+    for layout in ("balanced", "auto"):
+        out = tmp_path / f"{layout}.json"
+        run_ranks(_train_rank, 2, str(tmp_path / layout), str(corpus),
+                  ["parallel.cp=2", "parallel.cp_mode=ring", f"parallel.cp_layout={layout}"], str(out))
+        assert json.loads(out.read_text()) == pytest.approx(expected, rel=FP32_TOL), layout
