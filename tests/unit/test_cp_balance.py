@@ -96,3 +96,24 @@ def test_planner_knows_the_layout():
     assert plan_memory(args, 36, cp=4, cp_layout="auto").tokens_per_gpu == 10
     with pytest.raises(ValueError, match="cp_layout 'spiral'"):
         plan_memory(args, 36, cp=4, cp_layout="spiral")
+
+
+def test_recipe_key_and_seq_len_check():
+    import sys
+    from pathlib import Path
+
+    from longtrain.config import build_recipe
+    from longtrain.config_yaml import RecipeError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.golden.cases import BASE
+
+    assert build_recipe(BASE, []).parallel.cp_layout == "auto"
+    # 162 tokens on cp=2: a multiple of cp (balanced) but not of 2*cp (zigzag, auto).
+    ok = build_recipe(BASE, ["parallel.cp=2", "parallel.cp_layout=balanced", "stages[0].seq_len=162"])
+    assert ok.parallel.cp_layout == "balanced"
+    for layout in ("zigzag", "auto"):
+        with pytest.raises(RecipeError, match="multiple of 4"):
+            build_recipe(BASE, ["parallel.cp=2", f"parallel.cp_layout={layout}", "stages[0].seq_len=162"])
+    with pytest.raises(Exception, match="cp_layout"):
+        build_recipe(BASE, ["parallel.cp_layout=spiral"])
