@@ -125,11 +125,16 @@ class ParallelConfig:
     cp: int = 1  # context-parallel degree
     cp_mode: str = "allgather"  # ring | allgather | ulysses | hybrid (Ulysses x ring) | hybrid_allgather
     ulysses: int = 1  # hybrid only: the Ulysses degree inside each ring group
+    # How each sequence is cut over cp ranks (docs/parallelism.md): zigzag (by position, balances one causal
+    # document) | balanced (by document attention work, packed batches) | auto (zigzag for a row of one
+    # document, balanced for a packed row). Ulysses (cp_mode ulysses) gathers whole sequences: any layout works.
+    cp_layout: str = "auto"
 
     def __post_init__(self):
         _choice("backend", self.backend, ("fsdp2", "deepspeed"))
         _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather"))
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("cp_layout", self.cp_layout, ("zigzag", "balanced", "auto"))
         _positive("cp", self.cp)
         _positive("ulysses", self.ulysses)
         _positive("dp_replicate", self.dp_replicate)
@@ -360,12 +365,15 @@ def _check_layout(recipe: Recipe, file: str) -> None:
     """Combinations only visible across sections: sequence length vs context parallelism, Ulysses vs heads."""
     par, margs = recipe.parallel, recipe.model.model_args() if recipe.model.flavor else None
     for i, st in enumerate(recipe.stages):
-        # The trainer shards sequences zigzag (head-tail, balancing causal work): 2*cp equal chunks (PITFALLS.md).
-        # prepare_cp_inputs could pad a ragged length, but a recipe's fixed seq_len should not waste compute.
-        div = 2 * par.cp if par.cp > 1 else 1
+        # Zigzag (and auto, which uses it for single documents) cuts 2*cp equal chunks (PITFALLS.md); balanced
+        # needs cp equal shares. prepare_cp_inputs could pad a ragged length, but a recipe's fixed seq_len
+        # should not waste compute.
+        balanced = par.cp_layout == "balanced"
+        div = 1 if par.cp == 1 else par.cp if balanced else 2 * par.cp
         if st.seq_len % div:
+            cut = f"into cp = {div} equal shares" if balanced else f"zigzag into 2*cp = {div} equal chunks"
             raise RecipeError(f"{file}: `stages[{i}].seq_len` = {st.seq_len} is invalid: with parallel.cp="
-                              f"{par.cp} each sequence is cut zigzag into 2*cp = {div} equal chunks, so seq_len "
+                              f"{par.cp} and cp_layout {par.cp_layout} each sequence is cut {cut}, so seq_len "
                               f"must be a multiple of {div} (e.g. {(st.seq_len // div + 1) * div}).")
         per_step = st.seq_len * st.train.micro_batch
         if st.train.global_batch_tokens % per_step:

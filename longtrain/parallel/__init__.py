@@ -1,7 +1,8 @@
 """Parallelism applied to a plain model from outside: `apply` lists, in order, everything done to it.
 
-Pieces: dims.py (ParallelDims, DeviceMesh), cp_shard.py (prepare_cp_inputs), context_parallel.py (CP
-attention: ring, allgather, ulysses, hybrid), fsdp.py (FSDP2, state dicts), deepspeed.py (ZeRO).
+Pieces: dims.py (ParallelDims, DeviceMesh), cp_shard.py (prepare_cp_inputs), cp_balance.py (the
+document-aware balanced layout), context_parallel.py (CP attention: ring, allgather, ulysses, hybrid),
+fsdp.py (FSDP2, state dicts), deepspeed.py (ZeRO).
 """
 
 from __future__ import annotations

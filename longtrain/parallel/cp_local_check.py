@@ -24,6 +24,7 @@ from longtrain.data.batch import Batch
 from longtrain.kernels.attention import AttnMask, attention_reference, get_attention_backend
 from longtrain.parallel.context_parallel import CP_MODES
 from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
+from longtrain.parallel.dims import CP_LAYOUTS
 from longtrain.parallel.ring_attention import ring_blocks
 
 
@@ -62,7 +63,7 @@ def local_attention_calls(batch: Batch, cp: int, mode: str, layout: str = "zigza
 
     Args:
         batch: the global batch (seq_index None).
-        cp: cp degree; mode: one of CP_MODES; layout: zigzag | contiguous.
+        cp: cp degree; mode: one of CP_MODES; layout: one of CP_LAYOUTS (zigzag, contiguous, balanced, auto).
         ulysses: Ulysses degree for the hybrid modes (mode ulysses uses cp).
         window: the model's sliding window.
 
@@ -83,7 +84,7 @@ def local_attention_calls(batch: Batch, cp: int, mode: str, layout: str = "zigza
             raise ValueError(f"unknown cp mode {mode!r}; valid: {', '.join(CP_MODES)}")
     if cp % u:
         raise ValueError(f"cp={cp} must be a multiple of ulysses={u}")
-    masks = [local_attn_mask(prepare_cp_inputs(batch, r, cp, layout, u), window) for r in range(cp)]
+    masks = [local_attn_mask(prepare_cp_inputs(batch, r, cp, layout, u, window), window) for r in range(cp)]
     if u > 1:
         # Ulysses gathers its group's sequence (rank order) and attends on a slice of the heads.
         groups = [list(range(g * u, (g + 1) * u)) for g in range(cp // u)]
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", required=True, help="attention backend to check against the reference")
     p.add_argument("--mode", default="ring", choices=CP_MODES)
-    p.add_argument("--layout", default="zigzag", choices=("zigzag", "contiguous"))
+    p.add_argument("--layout", default="zigzag", choices=CP_LAYOUTS)
     p.add_argument("--cp", type=int, default=4)
     p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)

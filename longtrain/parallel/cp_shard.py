@@ -5,6 +5,10 @@ Layouts:
   every rank does the same amount of causal attention work (Striped/zigzag balancing, see
   Brandon et al. 2023 arXiv:2311.09431 and zhuzilin/ring-flash-attention's zigzag ring).
 - contiguous: rank r keeps the r-th of cp equal slices (simple; causal work is unbalanced).
+- balanced: document-aware (cp_balance.py): long documents zigzag-split over all ranks, the others placed
+  whole to even the attention work of packed documents; each row gets its own layout. Lengths need only be
+  a multiple of cp.
+- auto: zigzag for a row that holds one document, balanced for a packed row (lengths: multiples of 2*cp).
 
 With Ulysses inside cp (cp = ring x ulysses, cp rank = ring_rank * ulysses + ulysses_rank) the zigzag
 cut is made for the ring degree and each ring rank's two chunks are split contiguously between its
@@ -22,7 +26,8 @@ from torch import Tensor
 
 from longtrain.data.batch import IGNORE_INDEX, Batch
 from longtrain.kernels.attention import AttnMask
-from longtrain.parallel.dims import padded_seq_len
+from longtrain.parallel.cp_balance import balanced_shard_indices
+from longtrain.parallel.dims import CP_LAYOUTS, padded_seq_len
 
 
 def _pad_batch(batch: Batch, padded_len: int) -> Batch:
@@ -52,7 +57,8 @@ def cp_shard_indices(seqlen: int, cp_rank: int, cp_size: int, mode: str, ulysses
         seqlen: the padded length (a multiple of 2*cp_size for zigzag, of cp_size for contiguous).
         cp_rank: this rank's index in the cp group (ring_rank * ulysses + ulysses_rank).
         cp_size: cp degree (ring x ulysses).
-        mode: "zigzag" or "contiguous".
+        mode: "zigzag" or "contiguous" (the layouts that do not depend on the documents: `shard_indices`
+            takes every layout).
         ulysses: the Ulysses degree inside cp (1: plain ring / all-gather).
 
     Returns:
@@ -83,21 +89,62 @@ def cp_shard_indices(seqlen: int, cp_rank: int, cp_size: int, mode: str, ulysses
             ring_local = torch.cat([head, tail])  # (2 * chunk,) what the ring rank sees after all-to-all
             return ring_local[u_rank * local:(u_rank + 1) * local]
         case _:
-            raise ValueError(f"unknown cp layout {mode!r}; valid: zigzag, contiguous")
+            raise ValueError(f"cp_shard_indices takes the layouts zigzag, contiguous, not {mode!r} (shard_indices "
+                             f"takes all: {', '.join(CP_LAYOUTS)})")
 
 
-def prepare_cp_inputs(batch: Batch, cp_rank: int, cp_size: int, mode: str = "zigzag", ulysses: int = 1) -> Batch:
+def shard_indices(doc_ids: Tensor, cp_rank: int, cp_size: int, mode: str, ulysses: int = 1,
+                  window: int | None = None, n_real: int | None = None) -> Tensor:
+    """Global token indices (bs, seqlen // cp_size) that `cp_rank` holds, for any layout of CP_LAYOUTS.
+
+    Args:
+        doc_ids: (bs, seqlen) document ids of the padded batch.
+        cp_rank, cp_size, ulysses: as cp_shard_indices.
+        mode: one of CP_LAYOUTS.
+        window: sliding window (the balanced layout's cost model), None for full causal.
+        n_real: tokens before padding (auto: a row that was one document keeps zigzag); None: seqlen.
+
+    Raises:
+        ValueError: unknown mode, or a length the layout cannot cut.
+    """
+    bs, seqlen = doc_ids.shape
+    if padded_seq_len(seqlen, cp_size, mode) != seqlen:
+        raise ValueError(f"seqlen={seqlen} must be padded to a multiple of {padded_seq_len(1, cp_size, mode)} for the"
+                         f" {mode} layout with cp={cp_size}")
+    match mode:
+        case "zigzag" | "contiguous":
+            return cp_shard_indices(seqlen, cp_rank, cp_size, mode, ulysses, doc_ids.device).expand(bs, -1)
+        case "balanced":
+            return balanced_shard_indices(doc_ids, cp_rank, cp_size, ulysses, window)
+        case "auto":
+            real = doc_ids[:, :seqlen if n_real is None else n_real]
+            packed = (real != real[:, :1]).any(dim=1)  # (bs,) rows with more than one document
+            zig = cp_shard_indices(seqlen, cp_rank, cp_size, "zigzag", ulysses, doc_ids.device).expand(bs, -1)
+            if not bool(packed.any()):
+                return zig
+            bal = balanced_shard_indices(doc_ids[packed], cp_rank, cp_size, ulysses, window)
+            out = zig.clone()
+            out[packed] = bal
+            return out
+        case _:
+            raise ValueError(f"unknown cp layout {mode!r}; valid: {', '.join(CP_LAYOUTS)}")
+
+
+def prepare_cp_inputs(batch: Batch, cp_rank: int, cp_size: int, mode: str = "zigzag", ulysses: int = 1,
+                      window: int | None = None) -> Batch:
     """Shard a global packed batch for one context-parallel rank.
 
     input_ids, labels, position_ids and doc_ids are cut together; seq_index receives each kept token's
-    index in the (padded) global sequence, and position_ids stay the global rotary positions.
+    index in the (padded) global sequence, and position_ids stay the global rotary positions. Under the
+    balanced and auto layouts each row may hold a different set of tokens.
 
     Args:
         batch: the global batch, (bs, seqlen) tensors, seq_index None.
         cp_rank: this rank's index in the cp group (ring_rank * ulysses + ulysses_rank).
         cp_size: the cp degree.
-        mode: "zigzag" or "contiguous".
+        mode: one of CP_LAYOUTS: zigzag, contiguous, balanced, auto.
         ulysses: the Ulysses degree inside cp (hybrid and ulysses modes), 1 otherwise.
+        window: the model's sliding window: the balanced layout balances windowed work (None: causal).
 
     Returns:
         The local Batch, (bs, padded_seqlen // cp_size) tensors; padded tokens have label -100.
@@ -112,10 +159,14 @@ def prepare_cp_inputs(batch: Batch, cp_rank: int, cp_size: int, mode: str = "zig
         if getattr(batch, name).shape != shape:
             raise ValueError(f"batch.{name} has shape {tuple(getattr(batch, name).shape)}, input_ids {tuple(shape)}")
     padded = _pad_batch(batch, padded_seq_len(shape[1], cp_size, mode))
-    idx = cp_shard_indices(padded.input_ids.shape[1], cp_rank, cp_size, mode, ulysses, batch.input_ids.device)
-    return Batch(input_ids=padded.input_ids[:, idx], labels=padded.labels[:, idx],
-                 position_ids=padded.position_ids[:, idx], doc_ids=padded.doc_ids[:, idx],
-                 seq_index=padded.seq_index[:, idx])
+    idx = shard_indices(padded.doc_ids, cp_rank, cp_size, mode, ulysses, window, n_real=shape[1])  # (bs, local)
+
+    def take(x: Tensor) -> Tensor:
+        return torch.gather(x, 1, idx)
+
+    return Batch(input_ids=take(padded.input_ids), labels=take(padded.labels),
+                 position_ids=take(padded.position_ids), doc_ids=take(padded.doc_ids),
+                 seq_index=take(padded.seq_index))
 
 
 def local_attn_mask(batch: Batch, window: int | None = None) -> AttnMask:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-CP_LAYOUTS = ("zigzag", "contiguous")
+CP_LAYOUTS = ("zigzag", "contiguous", "balanced", "auto")  # cp_shard.py, cp_balance.py
 
 
 @dataclass
@@ -123,15 +123,15 @@ def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
 
 
 def padded_seq_len(seq_len: int, cp: int, layout: str) -> int:
-    """Length after context-parallel padding: a multiple of 2*cp (zigzag) or cp (contiguous).
+    """Length after context-parallel padding: a multiple of 2*cp (zigzag, auto) or cp (contiguous, balanced).
 
     Raises:
         ValueError: unknown layout.
     """
     match layout:
-        case "zigzag":
+        case "zigzag" | "auto":
             multiple = 2 * cp
-        case "contiguous":
+        case "contiguous" | "balanced":
             multiple = cp
         case _:
             raise ValueError(f"unknown cp layout {layout!r}; valid: {', '.join(CP_LAYOUTS)}")
@@ -141,13 +141,13 @@ def padded_seq_len(seq_len: int, cp: int, layout: str) -> int:
 def validate_seq_len(seq_len: int, cp: int, mode: str) -> int:
     """Check that a sequence of `seq_len` tokens can be sharded over `cp` ranks with `mode` layout.
 
-    Lengths that are not multiples of 2*cp (zigzag) or cp (contiguous) are fine: prepare_cp_inputs pads
+    Lengths that are not multiples of 2*cp (zigzag, auto) or cp (contiguous, balanced) are fine: prepare_cp_inputs pads
     them with an ignored padding document. Each rank must hold at least one real token per chunk, though.
 
     Args:
         seq_len: tokens per sequence before sharding.
         cp: context-parallel degree.
-        mode: the cp layout, "zigzag" or "contiguous".
+        mode: the cp layout, one of CP_LAYOUTS.
 
     Returns:
         The padded length.
@@ -160,7 +160,7 @@ def validate_seq_len(seq_len: int, cp: int, mode: str) -> int:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     padded = padded_seq_len(seq_len, cp, mode)
-    chunks = 2 * cp if mode == "zigzag" else cp
+    chunks = padded_seq_len(1, cp, mode)  # tokens of the smallest cut: 2*cp chunks (zigzag) or cp
     if seq_len < chunks:
         raise ValueError(f"seq_len={seq_len} is shorter than the {chunks} chunks the {mode} layout cuts for cp={cp}; "
                          f"use seq_len >= {chunks} or a smaller cp")

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         tokens_per_gpu = stage.seq_len * stage.train.micro_batch // par.cp
         tiled = mem.tiled_mlp if isinstance(mem.tiled_mlp, bool) else tokens_per_gpu >= TILED_MLP_AUTO_TOKENS
         kwargs = dict(model_args=model_args, seq_len=stage.seq_len, micro_batch=stage.train.micro_batch,
-                      dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, dtype=dtype, optimizer="adamw",
+                      dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, cp_layout=par.cp_layout, dtype=dtype,
+                      optimizer="adamw",
                       backend=par.backend, zero_stage=par.zero_stage, dp_replicate=par.dp_replicate, **common)
         master = None if mem.master_dtype == "auto" else mem.master_dtype
         plan = plan_memory(**kwargs, ac_mode=mem.activation_checkpoint, offload=mem.offload_activations,
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
                            offload_params=mem.offload_params, offload_optimizer=mem.offload_optimizer,
                            master_dtype=master, gpu_checkpoint_layers=mem.gpu_checkpoint_layers,
                            checkpoint_stride=mem.checkpoint_stride)
-        print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, cp {par.cp} ({par.cp_mode}), "
+        print(f"stage {i} ({stage.name}): seq_len {stage.seq_len:,}, dp_shard {dp_shard}, "
+              f"cp {par.cp} ({par.cp_mode}, {par.cp_layout} layout), "
               f"ac {mem.activation_checkpoint}, offload {mem.offload_activations}, tiled_mlp {tiled}, "
               f"offload_params {mem.offload_params}, attention {recipe.model.attention}")
         print(_format(plan, gpu))

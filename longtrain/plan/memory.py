@@ -62,13 +62,13 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
                 steady_state: bool = True, attention: str = "auto", offload_params: bool = False,
                 offload_optimizer: bool = False, master_dtype: str | None = None,
-                gpu_checkpoint_layers: int = 0, checkpoint_stride: int = 1) -> MemoryPlan:
+                gpu_checkpoint_layers: int = 0, checkpoint_stride: int = 1, cp_layout: str = "zigzag") -> MemoryPlan:
     """Predict per-GPU peak memory of one training step.
 
     Args:
         model_args: the model shape.
         seq_len, micro_batch, dp_shard, cp, cp_mode, dtype, optimizer, backend, zero_stage, dp_replicate,
-            steady_state: the step's layout (`StepLayout`). steady_state False plans the first step, whose
+            steady_state, cp_layout: the step's layout (`StepLayout`). steady_state False plans the first step, whose
             AdamW states are created in opt.step() after the backward (a benchmark with no warm-up step).
         ac_mode, offload, tiled_mlp, seq_tile, chunkwise, loss_chunk, loss_impl, fused_kernels, attention,
             offload_params, offload_optimizer, master_dtype, gpu_checkpoint_layers, checkpoint_stride: the
@@ -90,7 +90,7 @@ def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_sh
     """
     lay = StepLayout(seq_len=seq_len, micro_batch=micro_batch, dp_shard=dp_shard, cp=cp, cp_mode=cp_mode,
                      dtype=dtype, optimizer=optimizer, backend=backend, zero_stage=zero_stage,
-                     dp_replicate=dp_replicate, steady_state=steady_state)
+                     dp_replicate=dp_replicate, steady_state=steady_state, cp_layout=cp_layout)
     sw = MemorySwitches(ac_mode=ac_mode, offload=offload, tiled_mlp=tiled_mlp, seq_tile=seq_tile,
                         chunkwise=chunkwise, loss_chunk=loss_chunk, loss_impl=loss_impl, fused_kernels=fused_kernels,
                         attention=attention, offload_params=offload_params, offload_optimizer=offload_optimizer,

@@ -36,10 +36,15 @@ class StepLayout:
     zero_stage: int  # 0-3 (deepspeed)
     dp_replicate: int  # replicas (tokens per step only)
     steady_state: bool  # torch AdamW's states exist during the step (every step after the first)
+    # How sequences are cut over cp ranks (parallel.cp_layout): every layout gives each rank seq_len / cp tokens;
+    # they differ in padding (zigzag, auto: to a multiple of 2*cp; balanced: of cp) and in attention balance.
+    cp_layout: str = "zigzag"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch", "dp_shard", "cp", "dp_replicate"):
             _check(name, getattr(self, name))
+        if self.cp_layout not in ("zigzag", "balanced", "auto"):
+            raise ValueError(f"plan_memory: cp_layout {self.cp_layout!r} is not known; valid: zigzag, balanced, auto")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"plan_memory: dtype {self.dtype!r} is not known; valid: {', '.join(DTYPE_BYTES)}")
 
@@ -50,8 +55,9 @@ class StepLayout:
 
     @property
     def tokens(self) -> int:
-        """Tokens per GPU."""
-        return self.seq_len * self.micro_batch // self.cp
+        """Tokens per GPU (the sequence padded as the cp layout pads it)."""
+        multiple = 1 if self.cp == 1 else self.cp if self.cp_layout == "balanced" else 2 * self.cp
+        return -(-self.seq_len // multiple) * multiple * self.micro_batch // self.cp
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class Layout:
     dp_size: int
     cp_rank: int
     cp_size: int
-    cp_layout: str  # zigzag | contiguous
+    cp_layout: str  # zigzag | balanced | auto (parallel.cp_layout) | contiguous (tests)
     ulysses: int
     mesh: object | None  # torch DeviceMesh, None in one process
     sharded: bool  # True when parameters are sharded (FSDP2): gradients are reduced by the wrapper
@@ -67,9 +67,9 @@ def build_layout(recipe: Recipe, info: DistInfo) -> Layout:
     # submesh, not mesh["cp"]: slicing a flattened dim from the root mesh warns (deprecated) on every rank.
     cp_rank = submesh(mesh, "cp").get_local_rank() if dims.cp > 1 else 0
     dp_rank = submesh(mesh, "dp").get_local_rank() if dims.dp > 1 else 0
-    # Zigzag (head-tail) chunks balance causal work over cp ranks for every mode (the mask carries the global
-    # token index, so all-gather and Ulysses attention are layout-agnostic).
-    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, "zigzag", ulysses, mesh,
+    # parallel.cp_layout: zigzag balances one causal document, balanced the documents of a packed row (issue 21);
+    # the mask carries global token indices and document ids, so every cp mode takes either layout.
+    return Layout(dp_rank, dims.dp, cp_rank, dims.cp, par.cp_layout, ulysses, mesh,
                   info.world_size > 1 or one_process_wrap, dims)
 
 

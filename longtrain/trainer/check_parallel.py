@@ -31,7 +31,7 @@ from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import CP_MODES, apply_cp, cp_ulysses_degree
 from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
 from longtrain.parallel.deepspeed import ds_backward, ds_full_grads
-from longtrain.parallel.dims import ParallelDims, submesh, validate_seq_len
+from longtrain.parallel.dims import CP_LAYOUTS, ParallelDims, submesh, validate_seq_len
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,7 +94,8 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     Args:
         model_args: the model (e.g. model_flavor("debug")).
         seq_len: tokens per sequence (any length >= 2*cp; padding is internal).
-        cp: context-parallel degree; mode: one of CP_MODES; layout: "zigzag" | "contiguous".
+        cp: context-parallel degree; mode: one of CP_MODES; layout: one of CP_LAYOUTS (zigzag, contiguous,
+            balanced, auto).
         ulysses: Ulysses degree inside cp (hybrid modes; mode "ulysses" uses cp).
         dp_shard, dp_replicate: data-parallel degrees (dp_shard=-1: what the world leaves).
         sharding: "fsdp2", "deepspeed" or "none" (no sharding: cp ranks sum gradients by all-reduce).
@@ -154,7 +155,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
     loss_par = torch.zeros((), device=device, dtype=torch.float32)
     for b in batches[dp_rank::dims.dp]:
-        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree)
+        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree, window=window)
         loss_par += _layout_backward(model, engine, local, window, denom)
     dist.all_reduce(loss_par)
     grads, grads_ref = _layout_grads(model, engine, sharding), _full_grads(ref)
@@ -222,7 +223,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence; need not divide 2*cp (default 77)")
     p.add_argument("--cp", type=int, default=None, help="context-parallel degree (default: world size)")
     p.add_argument("--cp-mode", default=None, choices=CP_MODES)
-    p.add_argument("--cp-layout", default="zigzag", choices=("zigzag", "contiguous"))
+    p.add_argument("--cp-layout", default=None, choices=CP_LAYOUTS,
+                   help="how sequences are cut over cp ranks (default: the recipe's parallel.cp_layout, else auto)")
     p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree inside cp (hybrid modes)")
     p.add_argument("--dp-shard", type=int, default=None)
     p.add_argument("--dp-replicate", type=int, default=None)
@@ -266,7 +268,7 @@ def _resolve(args: argparse.Namespace) -> dict:
     mode = _first(args.cp_mode, par.cp_mode if par else None, "ring")
     ulysses = cp if mode == "ulysses" else _first(args.ulysses, par.ulysses if par else None, 1)
     return dict(model_args=mcfg_args, seq_len=_first(args.seq_len, seq_len, 77), cp=cp, mode=mode,
-                layout=args.cp_layout, ulysses=ulysses,
+                layout=_first(args.cp_layout, par.cp_layout if par else None, "auto"), ulysses=ulysses,
                 dp_shard=_first(args.dp_shard, par.dp_shard if par else None, -1),
                 dp_replicate=_first(args.dp_replicate, par.dp_replicate if par else None, 1),
                 sharding=_first(args.sharding, par.backend if par else None, "fsdp2"),

@@ -14,7 +14,9 @@ def _batch(seqlen: int = 37, bs: int = 2) -> Batch:
 
 
 @pytest.mark.parametrize("cp,mode,ulysses", [(2, "zigzag", 1), (4, "zigzag", 1), (3, "contiguous", 1),
-                                             (4, "zigzag", 2), (4, "contiguous", 2), (2, "zigzag", 2)])
+                                             (4, "zigzag", 2), (4, "contiguous", 2), (2, "zigzag", 2),
+                                             (2, "balanced", 1), (4, "balanced", 1), (3, "balanced", 1),
+                                             (4, "balanced", 2), (4, "auto", 1), (4, "auto", 2)])
 def test_union_over_ranks_is_the_global_batch(cp, mode, ulysses):
     batch = _batch()
     seqlen = batch.input_ids.shape[1]
@@ -22,7 +24,7 @@ def test_union_over_ranks_is_the_global_batch(cp, mode, ulysses):
     assert len({s.input_ids.shape for s in shards}) == 1
     index = torch.cat([s.seq_index for s in shards], dim=1)  # (bs, padded)
     padded = index.shape[1]
-    assert padded % (2 * cp if mode == "zigzag" else cp) == 0 and padded - seqlen < (2 * cp)
+    assert padded % (2 * cp if mode in ("zigzag", "auto") else cp) == 0 and padded - seqlen < (2 * cp)
     # Every global position appears exactly once.
     assert torch.equal(index.sort(dim=1).values, torch.arange(padded).expand_as(index))
     for name in ("input_ids", "labels", "position_ids", "doc_ids"):
@@ -91,7 +93,10 @@ def test_parallel_dims():
 @pytest.mark.parametrize("mode,layout,ulysses,window", [("ring", "zigzag", 1, None), ("ring", "contiguous", 1, None),
                                                         ("ring", "zigzag", 1, 7), ("allgather", "zigzag", 1, None),
                                                         ("ulysses", "zigzag", 1, None), ("hybrid", "zigzag", 2, None),
-                                                        ("hybrid_allgather", "zigzag", 2, None)])
+                                                        ("hybrid_allgather", "zigzag", 2, None),
+                                                        ("ring", "balanced", 1, None), ("ring", "balanced", 1, 7),
+                                                        ("allgather", "balanced", 1, None),
+                                                        ("hybrid", "balanced", 2, None), ("ring", "auto", 1, None)])
 def test_local_attention_calls_rebuild_full_attention(mode, layout, ulysses, window):
     """The per-rank calls cp_local_check enumerates, LSE-merged, are exactly full attention (fp32, 1e-5)."""
     from longtrain.kernels.attention import AttnMask, attention_reference
