@@ -59,7 +59,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # ModelArgs fields changed on the flavor, e.g. {n_layers: 4}
     tokenizer: str | None = None  # "builtin" (the bundled demo tokenizer) or a directory; default: `path`
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    attention: str = "auto"  # longtrain.kernels.attention backends: auto | reference | sdpa_flash | sdpa_cudnn | flex | flash_attn | fa4
+    attention: str = "auto"  # a name of kernels/attention.py ATTENTION_BACKENDS (auto, reference, sdpa_flash, ...)
     # Triton RMSNorm / RoPE / SwiGLU (longtrain.kernels): auto = on with a CUDA GPU and triton, true = always
     # (fails without them), false = eager torch. Same results up to rounding, faster and less memory.
     fused_kernels: bool | str = "auto"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.kernels.attention import BACKENDS
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
 LOSS_IMPLS = ("torch", "compile", "triton", "auto")  # auto: triton (the plan is of a GPU)
-# Attention backends the plan models (kernels/attention.py names). "auto" picks fa4 or cuDNN for a dense
-# causal sequence depending on the installed packages (kernels/attention_auto.py), which the plan cannot see:
-# it takes the larger of the two workspaces. flex and reference are not modelled (flex adds a BlockMask and
-# layout copies, reference a seq x seq score matrix per head).
-ATTENTION_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "fa4", "auto")
+# Attention backends the plan models: those whose registry entry has a backward workspace
+# (kernels/attention_backends.py; `auto`'s is the larger of fa4's and cuDNN's, kernels/attention_auto.py).
+ATTENTION_BACKENDS = tuple(name for name, backend in BACKENDS.items() if backend.workspace is not None)
 DEFAULT_TILE_TOKENS = 8192  # kernels/tiled_mlp.py AUTO_TILE_TOKENS
 DEFAULT_LOSS_CHUNK = 2048  # kernels/linear_cross_entropy.py auto chunk for a 128K vocabulary
 
