@@ -10,6 +10,7 @@ from torch import nn
 
 from longtrain.config import MemoryConfig, Recipe, StageConfig
 from longtrain.config_yaml import RecipeError
+from longtrain.kernels.tiled_mlp import mlp_tile
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
 from longtrain.model.rope import hf_max_position_embeddings
@@ -94,12 +95,9 @@ def model_args(recipe: Recipe) -> ModelArgs:
     return recipe.model.model_args()
 
 
-def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
-    """`auto` tiles the MLP when some stage reaches 32K tokens, where its intermediate activations
-    (seq x intermediate_size per layer) start to dominate (Arctic long-sequence training, arXiv:2506.13996)."""
-    if isinstance(memory.tiled_mlp, bool):
-        return memory.tiled_mlp
-    return max(s.seq_len for s in recipe.stages) >= 32768
+def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> int | None:
+    """Tokens per MLP tile for the run, or None: `auto` looks at the longest stage (kernels/tiled_mlp.py `mlp_tile`)."""
+    return mlp_tile(memory.tiled_mlp, max(s.seq_len for s in recipe.stages))
 
 
 def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
