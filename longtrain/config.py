@@ -22,6 +22,7 @@ from longtrain.config_yaml import FieldError, RecipeError, apply_override, build
 from longtrain.data.sources import SourceSpec
 from longtrain.kernels.attention import ATTENTION_BACKENDS
 from longtrain.model.args import MODEL_FLAVORS, ModelArgs
+from longtrain.types import CP_MODES
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:
@@ -128,7 +129,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         _choice("backend", self.backend, ("fsdp2", "deepspeed"))
-        _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather"))
+        _choice("cp_mode", self.cp_mode, CP_MODES)
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive("cp", self.cp)
         _positive("ulysses", self.ulysses)
