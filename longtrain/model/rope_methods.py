@@ -308,6 +308,14 @@ def rope_method(rope_type: Any, where: str = "rope") -> RopeMethod:
     return ROPE_METHODS[rope_type]
 
 
+def takes_original_length(rope_type: Any) -> bool:
+    """A Hugging Face type whose block carries original_max_position_embeddings (llama3, yarn, longrope):
+    transformers fills it from config.json when the block lacks it (standardize_rope_params)."""
+    method = ROPE_METHODS.get(rope_type) if isinstance(rope_type, str) else None  # unknown: validation refuses it
+    return method is not None and method.standard and any(
+        f.name == "original_max_position_embeddings" for f in fields(method.args_type))
+
+
 def rope_args(rope: dict) -> Any:
     """A validated block as its method's args dataclass (lists become tuples)."""
     method = rope_method(rope["rope_type"])
