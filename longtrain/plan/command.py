@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longtrain.plan.memory import GIB, RUNTIME_OVERHEAD_BYTES, MemoryPlan, plan_memory, suggest
 from longtrain.kernels.tiled_mlp import TILED_MLP_AUTO_FROM, mlp_tile
+from longtrain.plan.memory import GIB, RUNTIME_OVERHEAD_BYTES, MemoryPlan, plan_memory, suggest
 from longtrain.plan.switches import ATTENTION_BACKENDS
 
 # Host RAM the OS, the Python processes and the CUDA driver's pinned staging keep for themselves.
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     for i, stage in enumerate(recipe.stages):
         mem = stage.memory
         tokens_per_gpu = stage.seq_len * stage.train.micro_batch // par.cp
-        # The trainer resolves auto with the longest stage's seq_len (trainer/build.py tiled_mlp_setting).
+        # auto on this stage's tokens per GPU. The trainer looks at the longest stage's seq_len instead
+        # (trainer/build.py tiled_mlp_setting): the two differ with cp > 1, micro_batch > 1 or a short stage
+        # before a long one.
         tiled = mlp_tile(mem.tiled_mlp, tokens_per_gpu)
         kwargs = dict(model_args=model_args, seq_len=stage.seq_len, micro_batch=stage.train.micro_batch,
                       dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, dtype=dtype, optimizer="adamw",
