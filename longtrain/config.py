@@ -22,6 +22,7 @@ from longtrain.config_yaml import FieldError, RecipeError, apply_override, build
 from longtrain.data.sources import SourceSpec
 from longtrain.kernels.attention import ATTENTION_BACKENDS
 from longtrain.model.args import MODEL_FLAVORS, ModelArgs
+from longtrain.types import CP_MODES
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:
@@ -59,7 +60,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # ModelArgs fields changed on the flavor, e.g. {n_layers: 4}
     tokenizer: str | None = None  # "builtin" (the bundled demo tokenizer) or a directory; default: `path`
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    attention: str = "auto"  # longtrain.kernels.attention backends: auto | reference | sdpa_flash | sdpa_cudnn | flex | flash_attn | fa4
+    attention: str = "auto"  # a name of kernels/attention.py ATTENTION_BACKENDS (auto, reference, sdpa_flash, ...)
     # Triton RMSNorm / RoPE / SwiGLU (longtrain.kernels): auto = on with a CUDA GPU and triton, true = always
     # (fails without them), false = eager torch. Same results up to rounding, faster and less memory.
     fused_kernels: bool | str = "auto"
@@ -132,7 +133,7 @@ class ParallelConfig:
 
     def __post_init__(self):
         _choice("backend", self.backend, ("fsdp2", "deepspeed"))
-        _choice("cp_mode", self.cp_mode, ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather"))
+        _choice("cp_mode", self.cp_mode, CP_MODES)
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("cp_layout", self.cp_layout, ("zigzag", "balanced", "auto"))
         _positive("cp", self.cp)

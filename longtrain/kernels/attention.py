@@ -7,10 +7,13 @@ and `auto` (the fastest correct backend per call) in attention_auto.py, above th
 
 from __future__ import annotations
 
-from longtrain.kernels.attention_backends import CONCRETE_BACKENDS, concrete_backend
+from longtrain.kernels.attention_auto import AUTO_BACKEND
+from longtrain.kernels.attention_backends import CONCRETE_BACKENDS, SDPA_FUNCTION_OPS, AttentionBackend, aten_ops
 from longtrain.kernels.attention_base import ANCHOR_DOC, AttentionFn, AttnMask, attention_reference
 
-ATTENTION_BACKENDS = CONCRETE_BACKENDS + ("auto",)
+# Every backend by name with its rules (attention_backends.py); the names a recipe's `model.attention` takes.
+BACKENDS: dict[str, AttentionBackend] = CONCRETE_BACKENDS | {"auto": AUTO_BACKEND}
+ATTENTION_BACKENDS = tuple(BACKENDS)
 
 
 def get_attention_backend(name: str) -> AttentionFn:
@@ -29,14 +32,16 @@ def get_attention_backend(name: str) -> AttentionFn:
     Raises:
         ValueError: `name` is not a known backend.
     """
-    if name == "auto":
-        from longtrain.kernels.attention_auto import attention_auto  # it imports the concrete backends
-
-        return attention_auto
-    if name not in ATTENTION_BACKENDS:
+    if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(ATTENTION_BACKENDS)}")
-    return concrete_backend(name)
+    return BACKENDS[name].load()
 
 
-__all__ = ["ANCHOR_DOC", "ATTENTION_BACKENDS", "AttentionFn", "AttnMask", "attention_reference",
-           "get_attention_backend"]
+def selective_save_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: every backend's, and F.scaled_dot_product_attention's
+    fused kernels (those present in this torch build and the installed packages)."""
+    return aten_ops(*SDPA_FUNCTION_OPS).union(*(b.saved_ops() for b in BACKENDS.values()))
+
+
+__all__ = ["ANCHOR_DOC", "ATTENTION_BACKENDS", "BACKENDS", "AttentionBackend", "AttentionFn", "AttnMask",
+           "attention_reference", "get_attention_backend", "selective_save_ops"]

@@ -33,7 +33,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from longtrain.kernels.attention_backends import concrete_backend
+from longtrain.kernels.attention_backends import CONCRETE_BACKENDS, AttentionBackend, concrete_backend
 from longtrain.kernels.attention_base import AttnMask
 from longtrain.kernels.attention_layout import classify
 
@@ -103,3 +103,14 @@ def attention_auto(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, scale: float
     if key not in mask.cache:
         mask.cache[key] = concrete_backend(choose_backend(q, k, mask))
     return mask.cache[key](q, k, v, mask, scale)
+
+
+def _auto_workspace(n_heads: int, n_kv_heads: int, head_dim: int, b: int) -> int:
+    # For a dense causal sequence auto picks fa4 or cuDNN depending on the installed packages, which a plan made
+    # elsewhere cannot see: the larger of the two.
+    return max(CONCRETE_BACKENDS[n].workspace(n_heads, n_kv_heads, head_dim, b) for n in ("fa4", "sdpa_cudnn"))
+
+
+# auto's registry entry (kernels/attention.py adds it to the concrete ones): it keeps what the backend it picks keeps.
+AUTO_BACKEND = AttentionBackend(lambda: attention_auto, _auto_workspace,
+                                lambda: set().union(*(b.saved_ops() for b in CONCRETE_BACKENDS.values())))

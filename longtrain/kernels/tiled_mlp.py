@@ -24,6 +24,37 @@ from torch.utils.checkpoint import checkpoint
 # Auto tile: 8192 tokens keep one tile's intermediates at 3 x 8192 x 8192 x 2 B = 384 MiB for Llama-3.2-1B
 # while each GEMM stays large enough (8192 rows) to run near peak.
 AUTO_TILE_TOKENS = 8192
+# `tiled_mlp: auto` tiles from this many tokens, where the MLP's intermediate activations (seq x
+# intermediate_size per layer) start to dominate (Arctic long-sequence training, arXiv:2506.13996).
+TILED_MLP_AUTO_FROM = 32768
+
+# The `tiled_mlp` setting as parallel.apply, the planner and check-parallel take it: False / None: no tiling,
+# True: AUTO_TILE_TOKENS, an int: tokens per tile ("auto" is the recipe's spelling, resolved by `mlp_tile`).
+TiledMlp = bool | int | None
+
+
+def mlp_tile(setting: TiledMlp | str, tokens: int | None = None) -> int | None:
+    """Tokens per MLP tile, or None for no tiling: the one reading of every `tiled_mlp` spelling.
+
+    Args:
+        setting: False / None (off), True (AUTO_TILE_TOKENS), an int (tokens per tile) or "auto".
+        tokens: what "auto" looks at: tiling from TILED_MLP_AUTO_FROM tokens on.
+
+    Raises:
+        ValueError: an unknown setting, or "auto" without `tokens`.
+    """
+    match setting:
+        case None | False:
+            return None
+        case True:
+            return AUTO_TILE_TOKENS
+        case "auto" if tokens is not None:
+            return AUTO_TILE_TOKENS if tokens >= TILED_MLP_AUTO_FROM else None
+        case int():
+            return setting
+        case _:
+            raise ValueError(f"tiled_mlp = {setting!r} is invalid: auto (with a token count), true, false or "
+                             f"tokens per tile")
 
 
 def tiled_mlp_forward(mlp: nn.Module, x: Tensor, tile_tokens: int) -> Tensor:

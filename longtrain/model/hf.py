@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from longtrain.model.args import ARCHITECTURES, ModelArgs
 from longtrain.model.decoder import Transformer
 from longtrain.model.rope import compute_inv_freq, context_length, export_rope, validate_rope
+from longtrain.model.rope_methods import takes_original_length
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -111,7 +112,7 @@ def _read_rope(cfg: dict, where: str) -> dict:
                              f"rope_parameters={params}; transformers 4.x and 5 would run different RoPE. "
                              "Make them identical")
     rope.setdefault("rope_theta", 10000.0)
-    if rope["rope_type"] in ("llama3", "yarn", "longrope"):  # as transformers' standardize_rope_params
+    if takes_original_length(rope["rope_type"]):  # as transformers' standardize_rope_params
         top = cfg.get("original_max_position_embeddings")  # Phi-3 style; transformers 5 lets it win
         if top is not None and rope.setdefault("original_max_position_embeddings", top) != top:
             raise ValueError(f"{where}: original_max_position_embeddings={top} disagrees with the rope block's "

@@ -2,7 +2,8 @@
 
 A rope block uses Hugging Face's `rope_parameters` vocabulary (transformers 5), e.g.
 `{"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0, "original_max_position_embeddings": 8192}`.
-The methods live in rope_methods.py, keyed by `rope_type` in `ROPE_METHODS`. Hugging Face types: default (also
+The methods live in rope_methods.py, keyed by `rope_type` in `ROPE_METHODS`: each entry carries its frequency
+function, its Hugging Face export rule and its max_position_embeddings rule. Hugging Face types: default (also
 ABF, a new `rope_theta`), linear (PI), dynamic (dynamic NTK), yarn, llama3, longrope. Toolkit types, exported as a
 Hugging Face type by `export_rope`: ntk (static NTK-aware) -> default with the scaled base; resonance -> longrope.
 
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from longtrain.kernels.rope_reference import apply_rotary
 from longtrain.model.rope_methods import (RESONANCE_BASE_TYPES, ROPE_METHODS, YARN_ONLY_KEYS, RopeMethod,
-                                          default_inv_freq, ntk_theta)
+                                          rope_args, rope_method)
 
 __all__ = ["ROPE_METHODS", "RopeMethod", "FP64_ANGLES_FROM", "validate_rope", "export_rope", "rotary_dim",
            "compute_inv_freq", "depends_on_length", "context_length", "hf_max_position_embeddings",
@@ -78,8 +79,7 @@ def validate_rope(rope: dict, where: str = "rope", *, head_dim: int | None = Non
         _check(r.setdefault("rope_type", legacy) == legacy, f"{where}.type", legacy,
                f"conflicts with {where}.rope_type = {r['rope_type']!r}; give one of them")
     rope_type = r.setdefault("rope_type", "default")
-    if not isinstance(rope_type, str) or rope_type not in ROPE_METHODS:
-        raise ValueError(f"{where}.rope_type = {rope_type!r} is unknown; valid: {', '.join(ROPE_METHODS)}")
+    rope_method(rope_type, where)  # an unknown type raises here, naming the valid ones
     _check_keys(r, where)
     _check_values(r, where)
     if head_dim is not None:
@@ -186,16 +186,10 @@ def rotary_dim(head_dim: int, rope: dict, where: str = "rope") -> int:
     return dim
 
 
-def _args(rope: dict) -> Any:
-    """A validated block as its method's args dataclass (lists become tuples)."""
-    method = ROPE_METHODS[rope["rope_type"]]
-    names = {f.name for f in fields(method.args_type)}
-    return method.args_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k in names})
-
-
 def export_rope(rope: dict, max_position_embeddings: int, *, head_dim: int | None = None) -> tuple[dict, int]:
     """The Hugging Face `rope_parameters` to write for any rope type, and the `max_position_embeddings` to write.
 
+    Each type's rule is its `ROPE_METHODS` entry's `export` (rope_methods.py).
     Toolkit types become standard ones that transformers computes identically: `ntk` -> `default` with
     `rope_theta * factor ** (d / (d - 2))`; `resonance` -> `longrope` with short_factor = long_factor = the
     per-frequency ratio default_inv_freq / resonance_inv_freq and an explicit attention_factor. Standard types
@@ -233,31 +227,8 @@ def export_rope(rope: dict, max_position_embeddings: int, *, head_dim: int | Non
     if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) \
             or max_position_embeddings <= 0:
         raise ValueError(f"max_position_embeddings = {max_position_embeddings!r} must be a positive integer")
-    extra = {"partial_rotary_factor": r["partial_rotary_factor"]} if "partial_rotary_factor" in r else {}
-    match r["rope_type"]:
-        case "default" | "linear" | "dynamic" | "llama3":
-            return r, max_position_embeddings
-        case "yarn":
-            return r, int(r["original_max_position_embeddings"] * r["factor"])
-        case "longrope":
-            if r.get("factor") is None:  # transformers 4.57 fails on a longrope block without it (PITFALLS.md)
-                r["factor"] = max_position_embeddings / r["original_max_position_embeddings"]
-            return r, max_position_embeddings
-        case "ntk" | "resonance" if head_dim is None:
-            raise ValueError(f"export_rope of rope_type {r['rope_type']!r} needs head_dim (its export depends on it)")
-        case "ntk":
-            theta = ntk_theta(r["rope_theta"], r["factor"], rotary_dim(head_dim, r))
-            return {"rope_type": "default", "rope_theta": theta} | extra, max_position_embeddings
-        case "resonance":
-            dim = rotary_dim(head_dim, r)
-            inv_freq, scaling = ROPE_METHODS["resonance"].compute(_args(r), dim, max_position_embeddings, None)
-            ratio = (default_inv_freq(r["rope_theta"], dim) / inv_freq).tolist()
-            return {"rope_type": "longrope", "rope_theta": r["rope_theta"], "short_factor": ratio,
-                    "long_factor": list(ratio), "factor": r["factor"], "attention_factor": scaling,
-                    "original_max_position_embeddings": r["original_max_position_embeddings"]} | extra, \
-                max_position_embeddings
-        case other:
-            raise ValueError(f"rope_type {other!r} has no export rule; valid: {', '.join(ROPE_METHODS)}")
+    dim = rotary_dim(head_dim, r) if head_dim is not None else None
+    return rope_method(r["rope_type"]).export(r, max_position_embeddings, dim)
 
 
 def context_length(rope: dict, max_position_embeddings: int) -> int:
@@ -266,25 +237,20 @@ def context_length(rope: dict, max_position_embeddings: int) -> int:
     linear/dynamic: max_position_embeddings * factor; yarn: original * factor; others: max_position_embeddings.
     """
     r = validate_rope(rope)
-    match r["rope_type"]:
-        case "linear" | "dynamic":
-            return int(max_position_embeddings * r["factor"])
-        case "yarn":
-            return int(r["original_max_position_embeddings"] * r["factor"])
-        case _:
-            return max_position_embeddings
+    return rope_method(r["rope_type"]).length.context(r, max_position_embeddings)
 
 
-def hf_max_position_embeddings(rope: dict, context: int) -> int:
-    """The config.json max_position_embeddings for a target context length (inverse of `context_length`)."""
+def hf_max_position_embeddings(rope: dict, context: int, pretraining: int | None = None) -> int:
+    """The config.json max_position_embeddings for a target context length (inverse of `context_length`).
+
+    Args:
+        rope: a rope block (validated here).
+        context: the target context length.
+        pretraining: the length the model was pretrained at, where known: linear / dynamic write it as is;
+            None derives it as context / factor.
+    """
     r = validate_rope(rope)
-    match r["rope_type"]:
-        case "linear" | "dynamic":
-            return int(context / r["factor"])
-        case "yarn":
-            return int(r["original_max_position_embeddings"] * r["factor"])
-        case _:
-            return context
+    return rope_method(r["rope_type"]).length.max_positions(r, context, pretraining)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +275,7 @@ def compute_inv_freq(rope: dict, head_dim: int, max_position_embeddings: int,
     """
     r = validate_rope(rope, head_dim=head_dim)
     dim = rotary_dim(head_dim, r)
-    return ROPE_METHODS[r["rope_type"]].compute(_args(r), dim, max_position_embeddings, seq_len)
+    return ROPE_METHODS[r["rope_type"]].compute(rope_args(r), dim, max_position_embeddings, seq_len)
 
 
 def depends_on_length(rope: dict) -> bool:
@@ -327,7 +293,7 @@ class RotaryEmbedding(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         self.rotary_dim = rotary_dim(head_dim, self.rope)
         self._method = ROPE_METHODS[self.rope["rope_type"]]
-        self._args = _args(self.rope)
+        self._args = rope_args(self.rope)
         inv_freq, self.attention_scaling = self._compute(None)
         self._inv_freq64 = inv_freq  # master copy, fp64 on CPU, outside the module's buffers
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)

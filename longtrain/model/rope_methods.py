@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -199,6 +199,85 @@ def _resonance(args: ResonanceArgs, dim: int, max_pos: int, seq_len: int | None)
     return 2 * math.pi / wavelen, scaling
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# What config.json's max_position_embeddings means, per type. vLLM derives the servable length from it as
+# max_position_embeddings * factor for linear/dynamic, original_max_position_embeddings * factor for yarn, and
+# max_position_embeddings for the others; transformers and vLLM agree on the context length only if it is written
+# in that meaning (model/rope.py `export_rope`).
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """One meaning of max_position_embeddings: `context` reads a length from it, `max_positions` writes one."""
+
+    context: Callable[[dict, int], int]  # (rope, max_position_embeddings) -> the longest sequence the rope targets
+    # (rope, context, pretraining length or None) -> max_position_embeddings for that context
+    max_positions: Callable[[dict, int, int | None], int]
+
+
+# linear, dynamic: the pretraining length (dynamic NTK starts scaling beyond it); the context is it x factor.
+PRETRAINING_LENGTH = LengthRule(
+    context=lambda r, max_pos: int(max_pos * r["factor"]),
+    max_positions=lambda r, context, pretraining: int(context / r["factor"]) if pretraining is None else pretraining)
+# yarn: original_max_position_embeddings x factor, whatever the trained length.
+ORIGINAL_TIMES_FACTOR = LengthRule(
+    context=lambda r, max_pos: int(r["original_max_position_embeddings"] * r["factor"]),
+    max_positions=lambda r, context, pretraining: int(r["original_max_position_embeddings"] * r["factor"]))
+# default (ABF, ntk), llama3, longrope (resonance): the extended context length itself.
+CONTEXT_LENGTH = LengthRule(context=lambda r, max_pos: max_pos, max_positions=lambda r, context, pretraining: context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face export: (validated block, config.json max_position_embeddings, rotary dim or None) ->
+# (rope_parameters, max_position_embeddings to write). The input max_position_embeddings has the type's meaning
+# already, so only yarn can change it. Toolkit types become standard ones that transformers computes identically.
+
+
+def _export_as_is(r: dict, max_pos: int, dim: int | None) -> tuple[dict, int]:
+    return r, max_pos
+
+
+def _export_yarn(r: dict, max_pos: int, dim: int | None) -> tuple[dict, int]:
+    return r, ORIGINAL_TIMES_FACTOR.context(r, max_pos)
+
+
+def _export_longrope(r: dict, max_pos: int, dim: int | None) -> tuple[dict, int]:
+    if r.get("factor") is None:  # transformers 4.57 fails on a longrope block without it (PITFALLS.md)
+        r["factor"] = max_pos / r["original_max_position_embeddings"]
+    return r, max_pos
+
+
+def _rotary_dim_for_export(r: dict, dim: int | None) -> int:
+    if dim is None:
+        raise ValueError(f"export_rope of rope_type {r['rope_type']!r} needs head_dim (its export depends on it)")
+    return dim
+
+
+def _partial(r: dict) -> dict:
+    return {"partial_rotary_factor": r["partial_rotary_factor"]} if "partial_rotary_factor" in r else {}
+
+
+def _export_ntk(r: dict, max_pos: int, dim: int | None) -> tuple[dict, int]:
+    # `default` with the scaled base: rope_theta * factor ** (d / (d - 2)).
+    theta = ntk_theta(r["rope_theta"], r["factor"], _rotary_dim_for_export(r, dim))
+    return {"rope_type": "default", "rope_theta": theta} | _partial(r), max_pos
+
+
+def _export_resonance(r: dict, max_pos: int, dim: int | None) -> tuple[dict, int]:
+    # `longrope` with short_factor = long_factor = the per-frequency ratio default / resonance inverse frequency
+    # and an explicit attention_factor.
+    dim = _rotary_dim_for_export(r, dim)
+    inv_freq, scaling = _resonance(rope_args(r), dim, max_pos, None)
+    ratio = (default_inv_freq(r["rope_theta"], dim) / inv_freq).tolist()
+    return {"rope_type": "longrope", "rope_theta": r["rope_theta"], "short_factor": ratio,
+            "long_factor": list(ratio), "factor": r["factor"], "attention_factor": scaling,
+            "original_max_position_embeddings": r["original_max_position_embeddings"]} | _partial(r), max_pos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: adding a rope type is one entry here (its args, frequencies, export and length rules).
+
+
 @dataclass(frozen=True)
 class RopeMethod:
     args_type: type
@@ -206,15 +285,39 @@ class RopeMethod:
     standard: bool  # a Hugging Face rope_type (written as is); else exported as one
     factor_above_one: bool  # factor must be > 1 (factor < 1 is invalid for every type)
     depends_on_length: bool  # frequencies change with the current length
+    export: Callable[[dict, int, int | None], tuple[dict, int]]  # the Hugging Face block and length to write
+    length: LengthRule  # what config.json's max_position_embeddings means for this type
 
 
 ROPE_METHODS: dict[str, RopeMethod] = {
-    "default": RopeMethod(DefaultArgs, _default, True, False, False),
-    "linear": RopeMethod(LinearArgs, _linear, True, True, False),
-    "dynamic": RopeMethod(DynamicArgs, _dynamic, True, True, True),
-    "yarn": RopeMethod(YarnArgs, _yarn, True, True, False),
-    "llama3": RopeMethod(Llama3Args, _llama3, True, True, False),
-    "longrope": RopeMethod(LongRopeArgs, _longrope, True, False, True),
-    "ntk": RopeMethod(NtkArgs, _ntk, False, True, False),
-    "resonance": RopeMethod(ResonanceArgs, _resonance, False, True, False),
+    "default": RopeMethod(DefaultArgs, _default, True, False, False, _export_as_is, CONTEXT_LENGTH),
+    "linear": RopeMethod(LinearArgs, _linear, True, True, False, _export_as_is, PRETRAINING_LENGTH),
+    "dynamic": RopeMethod(DynamicArgs, _dynamic, True, True, True, _export_as_is, PRETRAINING_LENGTH),
+    "yarn": RopeMethod(YarnArgs, _yarn, True, True, False, _export_yarn, ORIGINAL_TIMES_FACTOR),
+    "llama3": RopeMethod(Llama3Args, _llama3, True, True, False, _export_as_is, CONTEXT_LENGTH),
+    "longrope": RopeMethod(LongRopeArgs, _longrope, True, False, True, _export_longrope, CONTEXT_LENGTH),
+    "ntk": RopeMethod(NtkArgs, _ntk, False, True, False, _export_ntk, CONTEXT_LENGTH),
+    "resonance": RopeMethod(ResonanceArgs, _resonance, False, True, False, _export_resonance, CONTEXT_LENGTH),
 }
+
+
+def rope_method(rope_type: Any, where: str = "rope") -> RopeMethod:
+    """The registry entry of `rope_type`; an unknown type raises, naming the valid ones."""
+    if not isinstance(rope_type, str) or rope_type not in ROPE_METHODS:
+        raise ValueError(f"{where}.rope_type = {rope_type!r} is unknown; valid: {', '.join(ROPE_METHODS)}")
+    return ROPE_METHODS[rope_type]
+
+
+def takes_original_length(rope_type: Any) -> bool:
+    """A Hugging Face type whose block carries original_max_position_embeddings (llama3, yarn, longrope):
+    transformers fills it from config.json when the block lacks it (standardize_rope_params)."""
+    method = ROPE_METHODS.get(rope_type) if isinstance(rope_type, str) else None  # unknown: validation refuses it
+    return method is not None and method.standard and any(
+        f.name == "original_max_position_embeddings" for f in fields(method.args_type))
+
+
+def rope_args(rope: dict) -> Any:
+    """A validated block as its method's args dataclass (lists become tuples)."""
+    method = rope_method(rope["rope_type"])
+    names = {f.name for f in fields(method.args_type)}
+    return method.args_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k in names})

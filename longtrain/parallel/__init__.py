@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from longtrain.kernels.attention import get_attention_backend
-from longtrain.kernels.tiled_mlp import apply_tiled_mlp
+from longtrain.kernels.tiled_mlp import TiledMlp, apply_tiled_mlp, mlp_tile
 from longtrain.parallel.activation_checkpoint import apply_ac
 from longtrain.parallel.context_parallel import apply_cp, cp_ulysses_degree
 from longtrain.parallel.deepspeed import deepspeed_wrap
@@ -34,7 +34,7 @@ def apply_compile(model: nn.Module) -> None:
 def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_mode: str = "allgather",
           attention_backend: str = "reference", param_dtype: torch.dtype = torch.float32,
           reduce_dtype: torch.dtype = torch.float32, ac_mode: str = "none", offload_activations: bool = False,
-          tiled_mlp: int | None | bool = False, fused_kernels: bool = False, compile: bool = False,
+          tiled_mlp: TiledMlp = False, fused_kernels: bool = False, compile: bool = False,
           backend: str = "fsdp2",
           zero_stage: int = 3, offload_params: bool = False, offload_optimizer: bool = False,
           grad_clip: float = 0.0, sharded_one_process: bool = False, gpu_checkpoint_layers: int = 0,
@@ -52,7 +52,8 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
         ac_mode: activation checkpointing: none | selective | full; offload_activations: offload them;
             gpu_checkpoint_layers: the last this-many offloaded checkpoints stay on the GPU; checkpoint_stride:
             one stored checkpoint per this many layers (apply_ac stride).
-        tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling.
+        tiled_mlp: tokens per MLP tile, True for the default tile, False/None for no tiling (kernels.tiled_mlp
+            `mlp_tile` reads it).
         fused_kernels: route RMSNorm / RoPE / SwiGLU through the Triton kernels (fused_kernels.py; CUDA, or CPU
             under TRITON_INTERPRET=1).
         compile: torch.compile each block.
@@ -83,8 +84,9 @@ def apply(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, *, cp_m
     if fused_kernels:
         apply_fused_kernels(model)
 
-    if tiled_mlp is not False and tiled_mlp is not None:
-        apply_tiled_mlp(model, None if tiled_mlp is True else int(tiled_mlp))
+    tile = mlp_tile(tiled_mlp)
+    if tile is not None:
+        apply_tiled_mlp(model, tile)
 
     # 3. Activation checkpointing (and offload): wraps the block forward, after it is final.
     if ac_mode != "none" or offload_activations:

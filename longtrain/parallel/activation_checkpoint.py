@@ -41,29 +41,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from longtrain.kernels.attention import selective_save_ops
 from longtrain.parallel.offload import GIB, ActivationOffloader
 
 AC_MODES = ("none", "selective", "full")
 
 
 def attention_ops() -> set:
-    """Attention kernel ops whose outputs selective checkpointing keeps (those present in this torch build)."""
-    aten = torch.ops.aten
-    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-             "_flash_attention_forward", "_efficient_attention_forward")
-    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    # flash-attn-4 runs behind longtrain's own op pair (kernels/attention_flash_attn.py).
-    import longtrain.kernels.attention_flash_attn  # noqa: F401  (registers torch.ops.longtrain.fa4_fwd)
-
-    ops.add(torch.ops.longtrain.fa4_fwd.default)
-    # flash-attn 2 registers torch.library ops when imported (its forward returns out and softmax_lse).
-    flash = getattr(torch.ops, "flash_attn", None)
-    for n in ("_flash_attn_forward", "_flash_attn_varlen_forward"):
-        op = getattr(flash, n, None) if flash is not None else None
-        if op is not None:
-            ops.add(op.default if hasattr(op, "default") else op)
-    return ops
+    """Attention kernel ops whose outputs selective checkpointing keeps: each backend's entry names its own
+    (kernels/attention_backends.py `saved_ops`), those present in this torch build."""
+    return selective_save_ops()
 
 
 def _tiled_block_forward(block: nn.Module, tile: int, x: Tensor, cos: Tensor, sin: Tensor, mask) -> Tensor:

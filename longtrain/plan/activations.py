@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.kernels.attention import BACKENDS
 from longtrain.model.args import ModelArgs
 from longtrain.plan.switches import ATTENTION_BACKENDS, DTYPE_BYTES
 
@@ -33,30 +34,15 @@ class PerToken:
 
 
 def attention_workspace(a: ModelArgs, b: int, attention: str) -> int:
-    """Bytes per token the attention backward allocates beyond dq, dk, dv and the incoming d_out."""
-    q, gqa = a.n_heads * a.head_dim, a.n_kv_heads < a.n_heads
-    match attention:
-        case "sdpa_cudnn":
-            # dO copied into O's (bs, h, s, d) strides (attention_sdpa.py), an fp32 dq accumulator and, with
-            # GQA, dk/dv per query head. cuDNN's workspace is internal: this is the accounting the 512K 1B and
-            # 256K 3B measurements (cuDNN) confirm, not read from source.
-            return q * b + q * 4 + (2 * q * b if gqa else 0)
-        case "sdpa_flash" | "flash_attn":
-            # FlashAttention-2 mha_bwd: dq_accum fp32, softmax_d fp32 per head, dk/dv_expanded per query head.
-            return q * 4 + a.n_heads * 4 + (2 * q * b if gqa else 0)
-        case "fa4":
-            # flash-attn-4 _flash_attn_bwd (4.0.0b36): dq_accum fp32, dpsum and lse_log2 fp32 per head; with GQA
-            # fp32 dk_accum/dv_accum per KV head (dK/dV summed in the kernel, never expanded). head_dim is
-            # rounded up to 32 (64 with SM90's dKV_swapAB: not for the head dims 64 and 128 of Llama).
-            hd = -(-a.head_dim // 32) * 32
-            return a.n_heads * (hd * 4 + 8) + (2 * a.n_kv_heads * hd * 4 if gqa else 0)
-        case "auto":
-            return max(attention_workspace(a, b, "fa4"), attention_workspace(a, b, "sdpa_cudnn"))
-        case "flex" | "reference":
-            raise NotImplementedError(f"plan_memory: attention {attention!r} is not modelled; valid: "
-                                      f"{', '.join(ATTENTION_BACKENDS)}")
-        case _:
-            raise ValueError(f"plan_memory: attention {attention!r} is not known; valid: {', '.join(ATTENTION_BACKENDS)}")
+    """Bytes per token the attention backward allocates beyond dq, dk, dv and the incoming d_out: the backend's
+    own rule (kernels/attention_backends.py `workspace`)."""
+    backend = BACKENDS.get(attention)
+    if backend is None:
+        raise ValueError(f"plan_memory: attention {attention!r} is not known; valid: {', '.join(ATTENTION_BACKENDS)}")
+    if backend.workspace is None:
+        raise NotImplementedError(f"plan_memory: attention {attention!r} is not modelled ({backend.not_modelled}); "
+                                  f"valid: {', '.join(ATTENTION_BACKENDS)}")
+    return backend.workspace(a.n_heads, a.n_kv_heads, a.head_dim, b)
 
 
 def per_token(a: ModelArgs, b: int, fused: bool, attention: str) -> PerToken:

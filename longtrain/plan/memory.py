@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from longtrain.kernels.tiled_mlp import TiledMlp
 from longtrain.model.args import ModelArgs
 from longtrain.plan.activations import PerToken, block_bytes, per_token
 from longtrain.plan.states import States, state_bytes
@@ -57,7 +58,7 @@ class MemoryPlan:
 
 def plan_memory(model_args: ModelArgs, seq_len: int, micro_batch: int = 1, dp_shard: int = 1, cp: int = 1,
                 cp_mode: str = "allgather", dtype: str = "bfloat16", ac_mode: str = "none", offload: bool = False,
-                tiled_mlp: bool | int = False, seq_tile: int | None = None, chunkwise: int | None = None,
+                tiled_mlp: TiledMlp = False, seq_tile: int | None = None, chunkwise: int | None = None,
                 loss_chunk: int | None = DEFAULT_LOSS_CHUNK, loss_impl: str = "torch", fused_kernels: bool = False,
                 optimizer: str = "adamw", backend: str = "fsdp2", zero_stage: int = 3, dp_replicate: int = 1,
                 steady_state: bool = True, attention: str = "auto", offload_params: bool = False,

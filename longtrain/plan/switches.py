@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longtrain.kernels.attention import BACKENDS
+from longtrain.kernels.tiled_mlp import AUTO_TILE_TOKENS, TiledMlp, mlp_tile
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 AC_MODES = ("none", "selective", "full")
 LOSS_IMPLS = ("torch", "compile", "triton", "auto")  # auto: triton (the plan is of a GPU)
-# Attention backends the plan models (kernels/attention.py names). "auto" picks fa4 or cuDNN for a dense
-# causal sequence depending on the installed packages (kernels/attention_auto.py), which the plan cannot see:
-# it takes the larger of the two workspaces. flex and reference are not modelled (flex adds a BlockMask and
-# layout copies, reference a seq x seq score matrix per head).
-ATTENTION_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "flash_attn", "fa4", "auto")
-DEFAULT_TILE_TOKENS = 8192  # kernels/tiled_mlp.py AUTO_TILE_TOKENS
+# Attention backends the plan models: those whose registry entry has a backward workspace
+# (kernels/attention_backends.py; `auto`'s is the larger of fa4's and cuDNN's, kernels/attention_auto.py).
+ATTENTION_BACKENDS = tuple(name for name, backend in BACKENDS.items() if backend.workspace is not None)
+DEFAULT_TILE_TOKENS = AUTO_TILE_TOKENS  # the tiled MLP's default tile (also the sequence tile the ladder tries)
 DEFAULT_LOSS_CHUNK = 2048  # kernels/linear_cross_entropy.py auto chunk for a 128K vocabulary
 
 
@@ -66,7 +67,7 @@ class MemorySwitches:
 
     ac_mode: str = "none"  # none | selective | full
     offload: bool = False  # activation offload to host (full AC or none)
-    tiled_mlp: bool | int = False  # False, True (DEFAULT_TILE_TOKENS) or a tile size in tokens
+    tiled_mlp: TiledMlp = False  # False / None, True (DEFAULT_TILE_TOKENS) or a tile size in tokens
     seq_tile: int | None = None  # sequence-tiled blocks with this tile size
     chunkwise: int | None = None  # SeCO chunk size in tokens
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK  # tokens per chunk of linear + cross-entropy; None: full logits
@@ -105,6 +106,4 @@ class MemorySwitches:
     @property
     def mlp_tile(self) -> int | None:
         """Tokens per tiled-MLP tile, or None (untiled)."""
-        if self.tiled_mlp is False:
-            return None
-        return DEFAULT_TILE_TOKENS if self.tiled_mlp is True else int(self.tiled_mlp)
+        return mlp_tile(self.tiled_mlp)

@@ -10,8 +10,10 @@ from torch import nn
 
 from longtrain.config import MemoryConfig, Recipe, StageConfig
 from longtrain.config_yaml import RecipeError
+from longtrain.kernels.tiled_mlp import mlp_tile
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
+from longtrain.model.rope import hf_max_position_embeddings
 from longtrain.trainer.distributed import DistInfo
 from longtrain.trainer.lora import apply_lora
 
@@ -93,12 +95,9 @@ def model_args(recipe: Recipe) -> ModelArgs:
     return recipe.model.model_args()
 
 
-def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> bool:
-    """`auto` tiles the MLP when some stage reaches 32K tokens, where its intermediate activations
-    (seq x intermediate_size per layer) start to dominate (Arctic long-sequence training, arXiv:2506.13996)."""
-    if isinstance(memory.tiled_mlp, bool):
-        return memory.tiled_mlp
-    return max(s.seq_len for s in recipe.stages) >= 32768
+def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> int | None:
+    """Tokens per MLP tile for the run, or None: `auto` looks at the longest stage (kernels/tiled_mlp.py `mlp_tile`)."""
+    return mlp_tile(memory.tiled_mlp, max(s.seq_len for s in recipe.stages))
 
 
 def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
@@ -209,9 +208,10 @@ def stage_rope(recipe: Recipe, stage_index: int, base: dict) -> dict:
 
 
 def stage_max_positions(stage: StageConfig, current: int, base: int) -> int:
-    """config.json's `max_position_embeddings` while `stage` runs (model/rope.py `export_rope` explains why the
-    meaning depends on the rope type): linear / dynamic keep the base model's pretraining length (vLLM multiplies
-    it by the factor; dynamic starts scaling there), yarn is original x factor, the others the trained length.
+    """config.json's `max_position_embeddings` while `stage` runs: its rope type's length rule
+    (model/rope_methods.py `LengthRule`) for the trained length: linear / dynamic keep the base model's
+    pretraining length (vLLM multiplies it by the factor; dynamic starts scaling there), yarn is original x factor,
+    the others the trained length.
 
     Args:
         stage: the stage; its explicit `max_position_embeddings` wins.
@@ -220,14 +220,9 @@ def stage_max_positions(stage: StageConfig, current: int, base: int) -> int:
     """
     if stage.max_position_embeddings:
         return stage.max_position_embeddings
-    rope = stage.rope or {}
-    match rope.get("rope_type"):
-        case "linear" | "dynamic":
-            return base
-        case "yarn":
-            return int(rope["original_max_position_embeddings"] * rope["factor"])
-        case _:
-            return max(current, stage.seq_len)
+    if stage.rope is None:  # the rope is kept: the trained length, as for the default type
+        return max(current, stage.seq_len)
+    return hf_max_position_embeddings(stage.rope, max(current, stage.seq_len), pretraining=base)
 
 
 def args_dict(args: ModelArgs) -> dict:

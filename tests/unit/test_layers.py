@@ -8,7 +8,8 @@ from pathlib import Path
 
 import longtrain
 from longtrain.data.batch import IGNORE_INDEX as BATCH_IGNORE_INDEX
-from longtrain.types import IGNORE_INDEX
+from longtrain.parallel.context_parallel import CP_MODES as PARALLEL_CP_MODES
+from longtrain.types import CP_MODES, IGNORE_INDEX
 
 ROOT = Path(longtrain.__file__).parent
 # Rank of each top-level module or package of longtrain: it may import only lower ranks (and itself).
@@ -66,3 +67,9 @@ def test_every_package_has_a_rank():
 def test_ignore_index_is_one_value():
     # data/batch.py still spells it; the day it imports it from longtrain.types this holds by construction.
     assert BATCH_IGNORE_INDEX == IGNORE_INDEX
+
+
+def test_cp_modes_are_one_list():
+    # parallel/context_parallel.py still spells CP_MODES; the day it imports it from longtrain.types this holds by
+    # construction.
+    assert PARALLEL_CP_MODES == CP_MODES
