@@ -1,8 +1,7 @@
 """Values every layer shares, at the bottom of the import graph: this module imports nothing of longtrain.
 
 kernels/, data/, model/, parallel/ and trainer/ read these from here, so that no layer imports a sibling or
-a layer above it for a constant. (data/batch.py still spells IGNORE_INDEX itself and parallel/context_parallel.py
-CP_MODES; tests/unit/test_layers.py checks that the copies agree until they import them from here.)
+a layer above it for a constant.
 """
 
 # A label equal to IGNORE_INDEX is not scored (torch cross_entropy's ignore_index; Hugging Face uses it too).

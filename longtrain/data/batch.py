@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from longtrain.types import IGNORE_INDEX  # re-exported: data.batch.IGNORE_INDEX is what data/ code imports
 
 
 @dataclass

@@ -36,8 +36,7 @@ from longtrain.kernels.attention import AttentionFn, AttnMask
 from longtrain.parallel.cp_ops import all_gather_meta, all_gather_seq, head_to_seq, merge_partials, seq_to_head
 from longtrain.parallel.dims import ParallelDims, submesh
 from longtrain.parallel.ring_attention import ring_attention
-
-CP_MODES = ("ring", "allgather", "ulysses", "hybrid", "hybrid_allgather")
+from longtrain.types import CP_MODES  # the mode names, defined once at the bottom layer (config reads them too)
 
 
 @dataclass

@@ -65,11 +65,8 @@ def test_every_package_has_a_rank():
 
 
 def test_ignore_index_is_one_value():
-    # data/batch.py still spells it; the day it imports it from longtrain.types this holds by construction.
-    assert BATCH_IGNORE_INDEX == IGNORE_INDEX
+    assert BATCH_IGNORE_INDEX is IGNORE_INDEX  # data/batch.py re-exports the one definition in longtrain.types
 
 
 def test_cp_modes_are_one_list():
-    # parallel/context_parallel.py still spells CP_MODES; the day it imports it from longtrain.types this holds by
-    # construction.
-    assert PARALLEL_CP_MODES == CP_MODES
+    assert PARALLEL_CP_MODES is CP_MODES  # parallel/context_parallel.py imports the one definition
