@@ -39,16 +39,12 @@ class TorchEngine:
     def __init__(self, model, optimizer: torch.optim.Optimizer):
         self.model = model  # the Transformer (an FSDPModule when sharded)
         self.optimizer = optimizer  # what the schedule drives and the checkpoint saves
-        self.micro_batches = 1
-
-    def begin_step(self, micro_batches: int) -> None:
-        self.micro_batches = micro_batches
 
     def loss_sum(self, b: Batch, mask, rope_len: int) -> Tensor:
         hidden = self.model.hidden_states(b.input_ids, b.position_ids, b.doc_ids, mask, rope_seq_len=rope_len)
         return linear_cross_entropy(hidden, self.model.output_weight, b.labels)
 
-    def backward(self, loss: Tensor, index: int) -> None:
+    def backward(self, loss: Tensor, last: bool) -> None:
         loss.backward()
 
     def step(self, max_norm: float, loss_finite: bool) -> StepResult:
@@ -102,23 +98,18 @@ class DeepSpeedEngine:
         while hasattr(base, "optimizer"):  # ZeRO optimizer -> the torch (or CPU Adam) optimizer it steps
             base = base.optimizer
         self.optimizer = base
-        self.micro_batches = 1
-
-    def begin_step(self, micro_batches: int) -> None:
-        self.micro_batches = micro_batches
 
     def loss_sum(self, b: Batch, mask, rope_len: int) -> Tensor:
         return self.ds(b.input_ids, b.position_ids, b.labels, mask, doc_ids=b.doc_ids, rope_seq_len=rope_len)
 
-    def backward(self, loss: Tensor, index: int) -> None:
+    def backward(self, loss: Tensor, last: bool) -> None:
         from longtrain.parallel.deepspeed import ds_backward
 
         # ZeRO reduces gradients into its partitions at the boundary only: the last micro-batch of the step.
-        self.ds.set_gradient_accumulation_boundary(index == self.micro_batches - 1)
+        self.ds.set_gradient_accumulation_boundary(last)
         ds_backward(self.ds, loss)
 
     def step(self, max_norm: float, loss_finite: bool) -> StepResult:
-        self.ds.set_gradient_accumulation_boundary(True)
         if not loss_finite:  # drop the accumulated gradients: DeepSpeed never sees this step
             self.ds.zero_grad()
             return StepResult(float("nan"), False)

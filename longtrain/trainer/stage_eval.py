@@ -21,14 +21,14 @@ def _results_file(recipe: Recipe) -> Path:
 
 
 def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, logger, sharded: bool,
-                   full_state=None) -> list[dict]:
+                   full_state) -> list[dict]:
     """Score the model after stage `si` (and with the next stage's rope, untrained); rank 0 evaluates.
 
     A sharded (FSDP2) model is first gathered into a plain copy on rank 0 (full weights in host memory:
     fine for the models one evaluates during training on CPU/GPU; for 8B+ run `longtrain eval` on the export).
 
     `full_state`: a collective callable returning the full (unsharded) state dict on rank 0 (the step engine's
-    `full_state_dict`); default: FSDP2's full state dict of `model`.
+    `full_state_dict`, for FSDP2 and DeepSpeed alike).
 
     Returns:
         The results dicts of longtrain.eval.evaluate (empty on other ranks).
@@ -70,18 +70,16 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
     return out
 
 
-def _gathered_copy(model, recipe: Recipe, info: DistInfo, full_state=None):
+def _gathered_copy(model, recipe: Recipe, info: DistInfo, full_state):
     """All ranks gather the full state dict; rank 0 loads it into an unsharded twin on its device."""
     import copy
 
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from longtrain.model.decoder import Transformer
     from longtrain.trainer.lora import apply_lora
 
-    full = (full_state() if full_state is not None else
-            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    full = full_state()
     if not info.is_main:
         return None
     with torch.device("meta"):

@@ -92,7 +92,6 @@ def train_step(engine, batches: list[Batch], info: DistInfo, layout: build.Layou
     model = engine.model
     window = model.args.sliding_window
     chunkwise = stage.memory.chunkwise
-    engine.begin_step(len(batches))
     for i, (b, rope_len) in enumerate(zip(batches, rope_lens)):
         b = b.to(info.device)
         if chunkwise is not None:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO)
@@ -105,7 +104,7 @@ def train_step(engine, batches: list[Batch], info: DistInfo, layout: build.Layou
             s = engine.loss_sum(b, mask, rope_len)
             if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
                 s = s * float("nan")
-            engine.backward(s / denom, i)
+            engine.backward(s / denom, last=i == len(batches) - 1)
         loss_sum += s.detach().float()
     if inject_nan and chunkwise is not None:
         loss_sum = loss_sum * float("nan")
