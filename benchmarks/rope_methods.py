@@ -207,7 +207,7 @@ def train_base(cfg: BenchConfig, out: Path, data_path: Path, source: str) -> tup
     steps, schedule) is reused instead of trained again, so a comparison can be re-run with other extension
     settings from the same base.
     """
-    from longtrain.trainer.checkpoint import complete_checkpoints
+    from longtrain.checkpoint.store import complete_checkpoints
     from longtrain.trainer.train import train
 
     b = cfg.base

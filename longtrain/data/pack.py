@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from longtrain.data.batch import IGNORE_INDEX, Batch
-from longtrain.kernels.attention import ANCHOR_DOC
+from longtrain.types import ANCHOR_DOC
 
 PACKING_MODES = ("continuous", "reset", "anchor")
 

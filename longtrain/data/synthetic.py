@@ -139,15 +139,20 @@ def _assemble(tok: Tokenizer, task: str, seq_len: int, head: list[int], filler: 
     return RetrievalSample(ids, answer_start, list(answer), depth, task, answer_text, meta)
 
 
-# Passkey wordings: (head, needle, question). `classic` is Mohtashami & Jaggi's; `compact` says the same in a
-# few tokens and marks the key with a colon used nowhere else, so short contexts keep most tokens for filler
-# and a tiny model can find the key with one induction head (the CPU demo, recipes/tiny-demo.yaml).
+# Passkey wordings: (head, needle, question, answer). `classic` is Mohtashami & Jaggi's; `compact` says the same
+# in a few tokens and marks the key with a colon used nowhere else, so short contexts keep most tokens for
+# filler. In both, the answer " <key>" starts with a space token, and with a small byte-level vocabulary (the
+# builtin tokenizer) that space is its own token, common in the filler: the first digit follows a token that
+# does not identify the key, so a model must look two tokens back to find it. `tight` puts the digits right
+# after the colon ("key:47."), so one induction head (match the previous token, copy the next) retrieves every
+# digit: the CPU demo (recipes/tiny-demo.yaml) learns it with margin instead of at a knife edge (issue 23).
 PASSKEY_TEMPLATES = {
     "classic": ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                 "I will quiz you about the important information there.",
                 " The pass key is {key}. Remember it. {key} is the pass key.",
-                " What is the pass key? The pass key is"),
-    "compact": ("Find the pass key.", " The pass key: {key}.", " What is the pass key? The pass key:"),
+                " What is the pass key? The pass key is", " {key}"),
+    "compact": ("Find the pass key.", " The pass key: {key}.", " What is the pass key? The pass key:", " {key}"),
+    "tight": ("Find the pass key.", " The pass key:{key}.", " What is the pass key? The pass key:", "{key}"),
 }
 
 
@@ -161,13 +166,13 @@ def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Rando
         depth: position of the passkey sentence within the filler (0 = start, 1 = end).
         rng: source of randomness (the passkey and random/text filler).
         digits: number of digits of the passkey.
-        template: the wording, a key of PASSKEY_TEMPLATES ("classic" or "compact").
+        template: the wording, a key of PASSKEY_TEMPLATES ("classic", "compact" or "tight").
         filler: "repeat" (the classic grass/sky sentences), "random" (random word sentences), "echo" (two random
                 sentences per sample, repeated: filler that is learnt by copying) or "text" (the
             bundled corpus).
 
     Returns:
-        The sample; the answer is " <passkey>".
+        The sample; the answer is " <passkey>" ("<passkey>" for the tight template).
 
     Raises:
         ValueError: bad depth/digits/filler, or seq_len too short for the fixed text.
@@ -178,17 +183,18 @@ def passkey_sample(tok: Tokenizer, seq_len: int, depth: float, rng: random.Rando
     if template not in PASSKEY_TEMPLATES:
         raise ValueError(f"unknown passkey template {template!r}; valid: {', '.join(PASSKEY_TEMPLATES)}")
     key = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(digits - 1))
-    head_text, needle_text, question_text = PASSKEY_TEMPLATES[template]
+    head_text, needle_text, question_text, answer_text = PASSKEY_TEMPLATES[template]
     head = tok.encode(head_text)
     needle = tok.encode(needle_text.format(key=key))
     question = tok.encode(question_text)
-    answer = tok.encode(f" {key}")
+    answer_text = answer_text.format(key=key)
+    answer = tok.encode(answer_text)
     fixed = int(tok.add_bos) + len(head) + len(needle) + len(question) + len(answer)
     budget = _fixed_len_or_raise("passkey", seq_len, fixed)
     fill, bounds = _take(_filler_stream(tok, filler, rng), budget)
     inserts = [(_snap(round(depth * budget), bounds), needle)]
     return _assemble(tok, "passkey", seq_len, head, fill, inserts, question, answer,
-                     depth, f" {key}", {"passkey": key, "filler": filler})
+                     depth, answer_text, {"passkey": key, "filler": filler})
 
 
 def _random_key(rng: random.Random, used: set[str]) -> str:

@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--digits", type=int, default=5, help="passkey digits")
     p.add_argument("--filler", default="repeat", help="passkey/needle filler (longtrain.data.synthetic.FILLERS)")
     p.add_argument("--template", default="classic", help="passkey wording (longtrain.data.synthetic "
-                                                           "PASSKEY_TEMPLATES), e.g. classic | compact")
+                                                           "PASSKEY_TEMPLATES): classic | compact | tight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="the model's name in the report (default: its folder name)")
     p.add_argument("--compare-name", default=None)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from longtrain.checkpoint.model import load_checkpoint_model
+from longtrain.checkpoint.store import resolve_checkpoint
 from longtrain.data.tokenizer import Tokenizer, load_tokenizer
-from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
 
 
@@ -27,8 +27,8 @@ def load_for_eval(path: str | Path, rope: dict | None = None, device: str | torc
         (model, tokenizer or None when the directory has none, a one-line description of what was loaded).
 
     Raises:
-        ValueError: the path does not exist or is neither a Hugging Face directory nor a complete checkpoint.
-        NotImplementedError: a checkpoint with LoRA adapters (export it with `longtrain export` first).
+        ValueError: the path does not exist or is neither a Hugging Face directory nor a complete checkpoint, or
+            the checkpoint is damaged. A checkpoint with LoRA adapters is scored with them merged.
     """
     p = Path(path)
     if not p.exists():
@@ -55,28 +55,12 @@ def _has_tokenizer(p: Path) -> bool:
 
 
 def _load_checkpoint(p: Path, rope: dict | None, device: str | torch.device) -> tuple[Transformer, str | None, str]:
-    from longtrain.trainer.checkpoint import (CheckpointDamaged, load_model_weights, read_meta, resolve_checkpoint,
-                                              verified_checkpoint)
-
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     try:
-        ckpt = resolve_checkpoint(root)
+        resolve_checkpoint(root)
     except ValueError as e:
         raise ValueError(f"model path {str(p)!r} is neither a Hugging Face directory (no config.json) nor a "
                          f"longtrain checkpoint: {e}") from None
-    try:
-        ckpt = verified_checkpoint(ckpt)
-    except CheckpointDamaged as e:
-        raise ValueError(str(e)) from None
-    meta = read_meta(ckpt)
-    if meta.lora:
-        raise NotImplementedError(f"checkpoint {ckpt} holds LoRA adapters; merge them with `longtrain export "
-                                  f"{ckpt} OUT_DIR` and evaluate OUT_DIR")
-    known = {f.name for f in fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in meta.model_args.items() if k in known})
-    model = Transformer(args)
-    load_model_weights(ckpt, model)
-    if rope is not None:
-        model.set_rope(rope)
-    model.to(device)
-    return model, meta.tokenizer, f"longtrain checkpoint {ckpt} (step {meta.step}, stage {meta.stage})"
+    model, meta = load_checkpoint_model(root, device=device, rope=rope)
+    lora = " (LoRA adapters merged)" if meta.lora else ""
+    return model, meta.tokenizer, f"longtrain checkpoint {root} (step {meta.step}, stage {meta.stage}){lora}"

@@ -13,9 +13,9 @@ from longtrain.config_yaml import RecipeError
 from longtrain.kernels.tiled_mlp import mlp_tile
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
+from longtrain.model.lora import apply_lora
 from longtrain.model.rope import hf_max_position_embeddings
 from longtrain.trainer.distributed import DistInfo
-from longtrain.trainer.lora import apply_lora
 
 
 @dataclass
@@ -131,7 +131,7 @@ def build_model(recipe: Recipe, info: DistInfo, layout: Layout) -> Transformer:
         model.to_empty(device="cpu")
         model.init_weights(seed=mcfg.init_seed)
     if mcfg.lora is not None:
-        apply_lora(model, mcfg.lora, seed=mcfg.init_seed)
+        apply_lora(model, **dataclasses.asdict(mcfg.lora), seed=mcfg.init_seed)
     return model
 
 

@@ -2,40 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from longtrain.config import LoraConfig
-from longtrain.model.args import ModelArgs
-from longtrain.model.decoder import Transformer
-from longtrain.trainer.checkpoint import load_model_weights, read_meta, verified_checkpoint
-from longtrain.trainer.lora import apply_lora, merge_lora
-
-
-def load_checkpoint_model(ckpt: str | Path) -> Transformer:
-    """The plain model of a checkpoint on CPU (fp32), with its rope and any LoRA adapters merged.
-
-    Raises:
-        ValueError: no complete checkpoint at `ckpt`.
-    """
-    ckpt = verified_checkpoint(ckpt)
-    meta = read_meta(ckpt)
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in meta.model_args.items() if k in known})
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    if meta.lora is not None:
-        apply_lora(model, LoraConfig(**meta.lora))
-    model.float()
-    load_model_weights(ckpt, model)
-    if meta.lora is not None:
-        merge_lora(model)
-    return model
+from longtrain.checkpoint.model import load_checkpoint_model
 
 
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
@@ -56,9 +29,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype 
     from longtrain.data.tokenizer import load_tokenizer
     from longtrain.model.hf import save_hf
 
-    ckpt = verified_checkpoint(ckpt)
-    meta = read_meta(ckpt)
-    model = load_checkpoint_model(ckpt)
+    model, meta = load_checkpoint_model(ckpt)
     with tempfile.TemporaryDirectory() as tok_dir:
         tok_src = None
         if meta.tokenizer is not None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from longtrain.config import Recipe, StageConfig
 from longtrain.trainer import build
-from longtrain.trainer.checkpoint import CheckpointMeta, save_checkpoint
+from longtrain.checkpoint.store import CheckpointMeta, save_checkpoint
 from longtrain.trainer.distributed import DistInfo, all_reduce
 
 

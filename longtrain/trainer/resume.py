@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from longtrain.config import Recipe
-from longtrain.trainer.checkpoint import CheckpointMeta
+from longtrain.checkpoint.store import CheckpointMeta
 
 # Keys that differ from one invocation to the next by design (a time slot, test hooks): never reported.
 RUN_CONTROL = ("run_dir", "train.resume", "train.stop_after_steps", "train.debug_nan_steps",

@@ -15,8 +15,8 @@ import yaml
 
 from longtrain.config import Recipe
 from longtrain.trainer import build
-from longtrain.trainer.checkpoint import CheckpointDamaged, load_checkpoint, newest_intact, read_meta
-from longtrain.trainer.checkpoint import verified_checkpoint
+from longtrain.checkpoint.store import CheckpointDamaged, load_checkpoint, newest_intact, read_meta
+from longtrain.checkpoint.store import verified_checkpoint
 from longtrain.trainer.data_layout import remap_rank_state
 from longtrain.trainer.distributed import DistInfo, broadcast_object
 from longtrain.trainer.metrics import MetricsLogger

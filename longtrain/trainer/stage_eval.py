@@ -73,11 +73,12 @@ def evaluate_stage(model, recipe: Recipe, si: int, tokenizer, info: DistInfo, lo
 def _gathered_copy(model, recipe: Recipe, info: DistInfo, full_state):
     """All ranks gather the full state dict; rank 0 loads it into an unsharded twin on its device."""
     import copy
+    import dataclasses
 
     import torch
 
     from longtrain.model.decoder import Transformer
-    from longtrain.trainer.lora import apply_lora
+    from longtrain.model.lora import apply_lora
 
     full = full_state()
     if not info.is_main:
@@ -86,7 +87,7 @@ def _gathered_copy(model, recipe: Recipe, info: DistInfo, full_state):
         twin = Transformer(copy.deepcopy(model.args))
     twin.to_empty(device="cpu")
     if recipe.model.lora is not None:
-        apply_lora(twin, recipe.model.lora)
+        apply_lora(twin, **dataclasses.asdict(recipe.model.lora))
     twin.load_state_dict(full)
     return twin.to(info.device)
 

@@ -42,9 +42,9 @@ def test_deepspeed_in_one_process_trains_evaluates_and_exports(tmp_path):
     exp = subprocess.run([sys.executable, "-m", "longtrain", "export", str(ckpt), str(out)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert exp.returncode == 0, exp.stderr[-3000:]
-    from longtrain.trainer.export import load_checkpoint_model
+    from longtrain.checkpoint.model import load_checkpoint_model
 
-    ours = load_checkpoint_model(ckpt)
+    ours = load_checkpoint_model(ckpt)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     w_hf = hf.state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert w_hf.shape == ours.layers[0].mlp.up_proj.weight.shape

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from longtrain.config import build_recipe
-from longtrain.trainer.checkpoint import COMPLETE, complete_checkpoints, resolve_checkpoint
+from longtrain.checkpoint.store import COMPLETE, complete_checkpoints, resolve_checkpoint
 from longtrain.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[2]

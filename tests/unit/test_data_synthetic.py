@@ -174,5 +174,5 @@ def test_compact_passkey_marks_the_key_once(tok, filler):
 
 
 def test_unknown_passkey_template(tok):
-    with pytest.raises(ValueError, match="unknown passkey template 'short'; valid: classic, compact"):
+    with pytest.raises(ValueError, match="unknown passkey template 'short'; valid: classic, compact, tight"):
         passkey_sample(tok, 256, 0.5, random.Random(0), template="short")

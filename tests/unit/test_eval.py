@@ -151,7 +151,7 @@ def test_load_longtrain_checkpoint(tmp_path):
 
     from longtrain import Transformer
     from longtrain.model.args import model_flavor
-    from longtrain.trainer.checkpoint import CheckpointMeta, rng_state, save_checkpoint
+    from longtrain.checkpoint.store import CheckpointMeta, rng_state, save_checkpoint
     from longtrain.trainer.engine import TorchEngine
 
     args = model_flavor("debug", rope={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})

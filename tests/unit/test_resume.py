@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from longtrain.config import build_recipe
-from longtrain.trainer.checkpoint import CheckpointDamaged, checkpoint_problem, complete_checkpoints
+from longtrain.checkpoint.store import CheckpointDamaged, checkpoint_problem, complete_checkpoints
 from longtrain.trainer.export import export_checkpoint
 from longtrain.trainer.resume import ResumeError
 from longtrain.trainer.train import train
@@ -120,7 +120,7 @@ def test_damaged_latest_checkpoint_is_named_and_passed_over(tmp_path, capsys, da
 
 
 def test_another_world_size_must_keep_the_global_batch(tmp_path):
-    from longtrain.trainer.checkpoint import read_meta
+    from longtrain.checkpoint.store import read_meta
     from longtrain.trainer.resume import plan_resume, read_saved_recipe
 
     train(recipe(tmp_path, "train.stop_after_steps=1"))
@@ -159,7 +159,7 @@ def test_another_model_against_a_checkpoint_is_one_sentence(tmp_path):
 
     from longtrain.model.args import model_flavor
     from longtrain.model.decoder import Transformer
-    from longtrain.trainer.checkpoint import CheckpointMismatch, load_model_weights
+    from longtrain.checkpoint.store import CheckpointMismatch, load_model_weights
 
     train(recipe(tmp_path, steps=1))
     ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from longtrain.config import build_recipe
-from longtrain.trainer.checkpoint import complete_checkpoints, load_model_weights
-from longtrain.trainer.export import export_checkpoint, load_checkpoint_model
+from longtrain.checkpoint.store import complete_checkpoints, load_model_weights
+from longtrain.checkpoint.model import load_checkpoint_model
+from longtrain.trainer.export import export_checkpoint
 from longtrain.trainer.train import TrainingError, train
 
 SEQ = 144  # the passkey task's fixed text is ~131 tokens with the builtin tokenizer
@@ -47,8 +48,8 @@ def test_exact_resume_across_a_stage_boundary(tmp_path):
     for step in (4, 5):  # CPU fp32, same ops in the same order: bitwise equal
         assert second.losses[step] == full.losses[step], step
     # Weights at the end are bitwise equal too.
-    a = load_checkpoint_model(tmp_path / "a" / "run" / "checkpoints" / "latest")
-    b = load_checkpoint_model(tmp_path / "b" / "run" / "checkpoints" / "latest")
+    a = load_checkpoint_model(tmp_path / "a" / "run" / "checkpoints" / "latest")[0]
+    b = load_checkpoint_model(tmp_path / "b" / "run" / "checkpoints" / "latest")[0]
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert b.args.rope["rope_type"] == "linear"  # the last stage's rope travels with the checkpoint
@@ -64,8 +65,8 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
     rows = metrics(tmp_path / "nan" / "run")
     assert [r["skipped"] for r in rows] == [False, True] and rows[1]["loss"] != rows[1]["loss"]  # NaN logged
     # No optimizer update on the NaN step: the weights equal those after step 1.
-    w_ref = load_checkpoint_model(tmp_path / "ref" / "run" / "checkpoints" / "latest").state_dict()
-    w_nan = load_checkpoint_model(tmp_path / "nan" / "run" / "checkpoints" / "latest").state_dict()
+    w_ref = load_checkpoint_model(tmp_path / "ref" / "run" / "checkpoints" / "latest")[0].state_dict()
+    w_nan = load_checkpoint_model(tmp_path / "nan" / "run" / "checkpoints" / "latest")[0].state_dict()
     for name in w_ref:
         assert torch.equal(w_ref[name], w_nan[name]), name
     assert ref.losses[1] == res.losses[1]
@@ -96,7 +97,7 @@ def test_lora_trains_adapters_embeddings_norms_and_exports_merged(tmp_path):
     out = export_checkpoint(tmp_path / "run" / "checkpoints" / "latest", tmp_path / "hf")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
-    merged = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    merged = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")[0]
     x = torch.randint(0, merged.args.vocab_size, (1, 50))
     # Same fp32 weights, two implementations: 1e-4 absolute on logits of size ~1.
     torch.testing.assert_close(hf(x).logits, merged(x), atol=1e-4, rtol=0)
@@ -109,7 +110,7 @@ def test_export_loads_in_transformers_with_the_last_stage_rope(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 2.0
-    model = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    model = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")[0]
     x = torch.randint(0, model.args.vocab_size, (1, 2 * SEQ))
     torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=0)  # fp32, two implementations
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -164,7 +165,7 @@ def test_train_from_a_hugging_face_directory(tmp_path):
     assert r.model.tokenizer == str(tmp_path / "base")  # the directory's own tokenizer by default
     res = train(r)
     assert res.status == "done"
-    trained = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")
+    trained = load_checkpoint_model(tmp_path / "run" / "checkpoints" / "latest")[0]
     # Step 1 starts from the loaded weights: its loss is the base model's loss on the same batch.
     from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
     from longtrain.trainer.data import build_batch_source

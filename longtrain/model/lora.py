@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longtrain.config import LoraConfig
 
 TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
            "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -60,12 +59,19 @@ class LoRALinear(nn.Linear):
         return out
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], train_embed_norm: bool = True,
+               seed: int = 0) -> int:
     """Freeze `model` and add adapters to the target projections of every layer.
+
+    The arguments are the recipe's `model.lora` block (config.LoraConfig) and a checkpoint's meta.json `lora`,
+    spelt out so that the model layer needs neither.
 
     Args:
         model: a longtrain Transformer (plain, before any parallel wrapping).
-        cfg: rank, alpha, targets, and whether embeddings and norms stay trainable.
+        rank: the adapters' rank.
+        alpha: the adapter output is scaled by alpha / rank.
+        targets: projections that get adapters, keys of TARGETS (q k v o gate up down).
+        train_embed_norm: embeddings and norms stay trainable (LongLoRA).
         seed: seed of the adapters' random init.
     Returns:
         The number of trainable parameters.
@@ -73,14 +79,14 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
     gen = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    names = {TARGETS[t] for t in cfg.targets}
+    names = {TARGETS[t] for t in targets}
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in names and type(child) is nn.Linear:
-                lora = LoRALinear(child, cfg.rank, cfg.alpha)
+                lora = LoRALinear(child, rank, alpha)
                 lora.reset_lora(gen)
                 setattr(module, child_name, lora)
-    if cfg.train_embed_norm:
+    if train_embed_norm:
         for name, p in model.named_parameters():
             if "embed_tokens" in name or name.endswith("norm.weight") or "layernorm" in name:
                 p.requires_grad_(True)
