@@ -21,6 +21,7 @@ import yaml
 from longtrain.config_yaml import FieldError, RecipeError, apply_override, build_dataclass, interpolate, merge, suggest
 from longtrain.data.sources import SourceSpec
 from longtrain.kernels.attention import ATTENTION_BACKENDS
+from longtrain.kernels.tiled_mlp import mlp_tile
 from longtrain.model.args import MODEL_FLAVORS, ModelArgs
 from longtrain.types import CP_MODES
 
@@ -357,6 +358,16 @@ class Recipe:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def mlp_tile(self) -> int | None:
+        """Tokens per MLP tile for the whole run, or None: what the trainer installs and the planner plans.
+
+        The model is wrapped once for every stage, so `tiled_mlp: auto` looks at the most tokens one GPU's MLP
+        sees in a micro-batch over the stages (seq_len x micro_batch / cp: the MLP's intermediate activations
+        grow with them).
+        """
+        most = max(st.seq_len * st.train.micro_batch for st in self.stages) // self.parallel.cp
+        return mlp_tile(self.stages[0].memory.tiled_mlp, most)
+
 
 STAGE_INHERITS = ("data", "train", "memory", "eval")  # top-level sections a stage inherits and may override
 RUN_WIDE_TRAIN_KEYS = ("resume", "seed", "stop_after_steps")  # train keys a stage may not change
@@ -381,6 +392,7 @@ def _check_layout(recipe: Recipe, file: str) -> None:
             raise RecipeError(f"{file}: `stages[{i}].train.global_batch_tokens` = {st.train.global_batch_tokens} "
                               f"is invalid: it must be a multiple of seq_len * micro_batch = {per_step} "
                               f"(or 0 for one micro-batch per data-parallel rank).")
+    _check_memory_run_wide(recipe, file)
     _check_offload(recipe, file)
     heads_deg = par.cp if par.cp_mode == "ulysses" else par.ulysses if par.cp_mode.startswith("hybrid") else 1
     if heads_deg > 1 and margs is None and recipe.model.path and (Path(recipe.model.path) / "config.json").exists():
@@ -390,6 +402,19 @@ def _check_layout(recipe: Recipe, file: str) -> None:
         raise RecipeError(f"{file}: `{key}` = {heads_deg} is invalid: Ulysses shards attention heads, and the "
                           f"model's {margs.n_heads} query heads are not divisible by {heads_deg}; use a degree that "
                           f"divides {margs.n_heads} (or cp_mode ring / allgather).")
+
+
+def _check_memory_run_wide(recipe: Recipe, file: str) -> None:
+    """The memory switches apply to the whole run: parallel.apply wraps the model once (checkpointing, tiled
+    MLP, offload, sharding), so a stage that changes them would otherwise fail when it starts, hours in."""
+    first = recipe.stages[0].memory
+    for i, st in enumerate(recipe.stages[1:], 1):
+        changed = [f.name for f in dataclasses.fields(first) if getattr(st.memory, f.name) != getattr(first, f.name)]
+        if changed:
+            key = changed[0]
+            raise RecipeError(f"{file}: `stages[{i}].memory.{key}` = {getattr(st.memory, key)!r} is invalid: the "
+                              f"memory section applies to the whole run (the model is wrapped once), and stage 0 "
+                              f"has {getattr(first, key)!r}; set `memory.{key}` at the top level for every stage.")
 
 
 def _check_offload(recipe: Recipe, file: str) -> None:

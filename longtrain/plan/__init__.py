@@ -25,12 +25,12 @@ seq_len * micro_batch / cp. `total` excludes the CUDA context and allocator slac
 """
 
 from longtrain.plan.activations import layer_saved_bytes_per_token
-from longtrain.plan.command import HOST_RESERVE_GIB, TILED_MLP_AUTO_TOKENS, add_parser, run
+from longtrain.plan.command import HOST_RESERVE_GIB, add_parser, run
 from longtrain.plan.memory import GIB, RUNTIME_OVERHEAD_BYTES, SWITCH_LADDER, MemoryPlan, plan_memory, plan_step, suggest
 from longtrain.plan.switches import (AC_MODES, ATTENTION_BACKENDS, DEFAULT_LOSS_CHUNK, DEFAULT_TILE_TOKENS, DTYPE_BYTES,
                                      LOSS_IMPLS, MemorySwitches, StepLayout)
 
 __all__ = ["AC_MODES", "ATTENTION_BACKENDS", "DEFAULT_LOSS_CHUNK", "DEFAULT_TILE_TOKENS", "DTYPE_BYTES", "GIB",
            "HOST_RESERVE_GIB", "LOSS_IMPLS", "MemoryPlan", "MemorySwitches", "RUNTIME_OVERHEAD_BYTES", "SWITCH_LADDER",
-           "StepLayout", "TILED_MLP_AUTO_TOKENS", "add_parser", "layer_saved_bytes_per_token", "plan_memory",
+           "StepLayout", "add_parser", "layer_saved_bytes_per_token", "plan_memory",
            "plan_step", "run", "suggest"]

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longtrain.kernels.tiled_mlp import TILED_MLP_AUTO_FROM, mlp_tile
 from longtrain.plan.memory import GIB, RUNTIME_OVERHEAD_BYTES, MemoryPlan, plan_memory, suggest
 from longtrain.plan.switches import ATTENTION_BACKENDS
 
 # Host RAM the OS, the Python processes and the CUDA driver's pinned staging keep for themselves.
 HOST_RESERVE_GIB = 8.0
-TILED_MLP_AUTO_TOKENS = TILED_MLP_AUTO_FROM  # tiled_mlp: auto turns tiling on from this many tokens (here per GPU)
 
 
 def _format(plan: MemoryPlan, gpu_bytes: int) -> str:
@@ -72,11 +70,7 @@ def run(args: argparse.Namespace) -> int:
                   loss_impl="auto", fused_kernels=recipe.model.fused_kernels is not False, steady_state=True)
     for i, stage in enumerate(recipe.stages):
         mem = stage.memory
-        tokens_per_gpu = stage.seq_len * stage.train.micro_batch // par.cp
-        # auto on this stage's tokens per GPU. The trainer looks at the longest stage's seq_len instead
-        # (trainer/build.py tiled_mlp_setting): the two differ with cp > 1, micro_batch > 1 or a short stage
-        # before a long one.
-        tiled = mlp_tile(mem.tiled_mlp, tokens_per_gpu)
+        tiled = recipe.mlp_tile()  # what the trainer installs for the whole run (config.py Recipe.mlp_tile)
         kwargs = dict(model_args=model_args, seq_len=stage.seq_len, micro_batch=stage.train.micro_batch,
                       dp_shard=dp_shard, cp=par.cp, cp_mode=par.cp_mode, cp_layout=par.cp_layout, dtype=dtype,
                       optimizer="adamw",

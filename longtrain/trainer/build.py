@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from longtrain.config import MemoryConfig, Recipe, StageConfig
+from longtrain.config import Recipe, StageConfig
 from longtrain.config_yaml import RecipeError
-from longtrain.kernels.tiled_mlp import mlp_tile
 from longtrain.model.args import ModelArgs
 from longtrain.model.decoder import Transformer
 from longtrain.model.lora import apply_lora
@@ -95,11 +94,6 @@ def model_args(recipe: Recipe) -> ModelArgs:
     return recipe.model.model_args()
 
 
-def tiled_mlp_setting(recipe: Recipe, memory: MemoryConfig) -> int | None:
-    """Tokens per MLP tile for the run, or None: `auto` looks at the longest stage (kernels/tiled_mlp.py `mlp_tile`)."""
-    return mlp_tile(memory.tiled_mlp, max(s.seq_len for s in recipe.stages))
-
-
 def fused_kernels_setting(recipe: Recipe, device: torch.device) -> bool:
     """model.fused_kernels resolved: auto = on where the Triton kernels run natively (a CUDA GPU, triton)."""
     from longtrain.kernels.rmsnorm import triton_usable
@@ -172,7 +166,7 @@ def build_engine(recipe: Recipe, info: DistInfo, layout: Layout):
     out = parallel.apply(model, layout.dims, layout.mesh, cp_mode=recipe.parallel.cp_mode,
                          attention_backend=recipe.model.attention, param_dtype=dtype, reduce_dtype=torch.float32,
                          ac_mode=memory.activation_checkpoint, offload_activations=memory.offload_activations,
-                         tiled_mlp=tiled_mlp_setting(recipe, memory),
+                         tiled_mlp=recipe.mlp_tile(),
                          fused_kernels=fused_kernels_setting(recipe, info.device), backend=backend,
                          zero_stage=recipe.parallel.zero_stage, offload_params=memory.offload_params,
                          offload_optimizer=memory.offload_optimizer, grad_clip=train0.grad_clip,

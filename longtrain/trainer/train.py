@@ -149,10 +149,6 @@ def _train_stage(run: RunContext, si: int, result: TrainResult, preempt: Preempt
     recipe, info, layout, engine = run.recipe, run.info, run.layout, run.engine
     stage = recipe.stages[si]
     set_stage_rope(run, si)
-    if stage.memory != recipe.stages[0].memory:
-        # parallel.apply wraps the model once (AC, tiled MLP, offload); re-wrapping mid-run is not supported.
-        raise NotImplementedError(f"stage {stage.name!r} changes the `memory` section; set it at the top "
-                                  f"level (it applies to every stage)")
     source = build_stage_source(stage, run.tokenizer, layout.dp_rank, layout.dp_size, run.data_dp)
     try:
         scheduler = build_scheduler(engine.optimizer, stage.train.optimizer, stage.steps, stage.train.schedule)

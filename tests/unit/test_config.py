@@ -127,6 +127,33 @@ def test_run_wide_train_keys_cannot_change_per_stage(tmp_path):
     assert "`stages[1].train.resume`" in msg and "whole run" in msg
 
 
+def test_memory_cannot_change_per_stage(tmp_path):
+    # Caught when the recipe loads, not when stage 1 starts after hours of stage 0.
+    msg = error(tmp_path, BASE, ["stages.1.memory.activation_checkpoint=full"])
+    assert "`stages[1].memory.activation_checkpoint` = 'full'" in msg and "whole run" in msg
+    assert "stage 0 has 'none'" in msg and "top level" in msg
+    assert load_recipe(write(tmp_path, BASE), ["memory.activation_checkpoint=full"]).stages[1].memory == \
+        load_recipe(write(tmp_path, BASE), ["memory.activation_checkpoint=full"]).stages[0].memory
+
+
+@pytest.mark.parametrize("seq_len, micro_batch, cp, tile", [
+    (32768, 1, 1, 8192),   # 32K tokens through one GPU's MLP: tiled
+    (16384, 2, 1, 8192),   # micro_batch counts: 32K tokens per micro-batch
+    (65536, 1, 4, None),   # cp divides: 16K tokens per GPU
+    (65536, 2, 4, 8192),
+    (16384, 1, 1, None),
+])
+def test_tiled_mlp_auto_is_one_decision_for_trainer_and_planner(tmp_path, seq_len, micro_batch, cp, tile):
+    """`tiled_mlp: auto` is read once (Recipe.mlp_tile) from the most tokens per GPU of any stage: the trainer
+    installs it and the planner plans it, so the two cannot disagree (they did with cp > 1 or micro_batch > 1)."""
+    over = [f"stages.1.seq_len={seq_len}", f"stages.1.train.micro_batch={micro_batch}", f"parallel.cp={cp}",
+            "memory.tiled_mlp=auto"]
+    recipe = load_recipe(write(tmp_path, BASE), over)
+    assert recipe.mlp_tile() == tile
+    assert load_recipe(write(tmp_path, BASE), over[:-1] + ["memory.tiled_mlp=false"]).mlp_tile() is None
+    assert load_recipe(write(tmp_path, BASE), over[:-1] + ["memory.tiled_mlp=true"]).mlp_tile() == 8192
+
+
 def test_fused_kernels_setting(tmp_path):
     import torch
 
