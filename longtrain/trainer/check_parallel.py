@@ -25,13 +25,12 @@ from torch import Tensor
 from longtrain import parallel
 from longtrain.data.batch import Batch
 from longtrain.kernels.attention import get_attention_backend
-from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
 from longtrain.model.args import ModelArgs, model_flavor
 from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import CP_MODES, apply_cp, cp_ulysses_degree
-from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
-from longtrain.parallel.deepspeed import ds_backward, ds_full_grads
+from longtrain.parallel.cp_shard import make_packed_batches, prepare_cp_inputs
 from longtrain.parallel.dims import CP_LAYOUTS, ParallelDims, submesh, validate_seq_len
+from longtrain.trainer.engine import DeepSpeedEngine, TorchEngine, forward_backward
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,23 +51,6 @@ class ParallelReport:
 
     def ok(self, tolerance: float) -> bool:
         return self.loss_rel_diff <= tolerance and self.max_rel_grad_diff <= tolerance
-
-
-def _loss_sum(model: torch.nn.Module, batch: Batch, window: int | None) -> Tensor:
-    h = model.hidden_states(batch.input_ids, batch.position_ids, mask=local_attn_mask(batch, window))
-    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.output_weight, batch.labels.reshape(-1))
-
-
-def _full_grads(model: torch.nn.Module) -> dict[str, Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if g is None:
-            g = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if hasattr(g, "full_tensor"):
-            g = g.full_tensor()
-        out[name] = g.float()
-    return out
 
 
 def _compare(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, str]:
@@ -143,75 +125,54 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     n_valid = sum(b.num_valid_tokens for b in batches)
     denom = max(n_valid, 1)  # zero valid tokens: the loss is 0, not 0/0
 
-    loss_ref = torch.zeros((), device=device)
-    for b in batches:
-        loss = _loss_sum(ref, b, window) / denom
-        loss.backward()
-        loss_ref += loss.detach()
+    # The reference runs the trainer's own forward/backward (engine.forward_backward) on the whole global batch.
+    loss_ref = forward_backward(TorchEngine(ref, None), batches, _rope_lens(batches), denom, cp_sharded=False)
 
-    # The layout, through the same parallel.apply the trainer uses (CP attention, memory switches, sharding).
+    # The layout, through the same parallel.apply and the same step the trainer uses.
     engine = _apply_layout(model, dims, mesh, mode, sharding, attention_backend, backend, dtype, zero_stage, ac_mode,
                            tiled_mlp)
     dp_rank, cp_rank = submesh(mesh, "dp").get_local_rank(), submesh(mesh, "cp").get_local_rank()
-    loss_par = torch.zeros((), device=device, dtype=torch.float32)
-    for b in batches[dp_rank::dims.dp]:
-        local = prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree, window=window)
-        loss_par += _layout_backward(model, engine, local, window, denom)
+    mine = batches[dp_rank::dims.dp]
+    local = [prepare_cp_inputs(b, cp_rank, cp, layout, ulysses=u_degree, window=window) for b in mine]
+    loss_par = forward_backward(engine, local, _rope_lens(mine), denom, cp_sharded=cp > 1).float()
     dist.all_reduce(loss_par)
-    grads, grads_ref = _layout_grads(model, engine, sharding), _full_grads(ref)
+    if sharding == "none":  # cp (and dp) ranks hold different tokens: sum their gradients
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+    grads, grads_ref = engine.full_grads(), TorchEngine(ref, None).full_grads()
     worst, worst_name = _compare(grads, grads_ref)
-    return ParallelReport(loss=float(loss_par), loss_ref=float(loss_ref), grad_norm=_norm(grads),
+    return ParallelReport(loss=float(loss_par) / denom, loss_ref=float(loss_ref) / denom, grad_norm=_norm(grads),
                           grad_norm_ref=_norm(grads_ref), max_rel_grad_diff=worst, worst_param=worst_name,
                           n_valid_tokens=n_valid)
+
+
+def _rope_lens(batches: list[Batch]) -> list[int]:
+    return [int(b.position_ids.max()) + 1 for b in batches]
 
 
 def _norm(grads: dict[str, Tensor]) -> float:
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
 
 
-def _layout_backward(model: Transformer, engine, local: Batch, window: int | None, denom: int) -> Tensor:
-    """Forward and backward of one local micro-batch through the parallel model; returns its loss (fp32)."""
-    if engine is not None:
-        loss = engine(local.input_ids, local.position_ids, local.labels, local_attn_mask(local, window)) / denom
-        ds_backward(engine, loss)
-    else:
-        loss = _loss_sum(model, local, window) / denom
-        loss.backward()
-    return loss.detach().float()
-
-
 def _apply_layout(model: Transformer, dims: ParallelDims, mesh, mode: str, sharding: str, attention_backend: str,
                   backend, dtype: torch.dtype, zero_stage: int, ac_mode: str, tiled_mlp: int | bool):
-    """Apply the layout to `model` in place; returns the DeepSpeed engine (sharding deepspeed), else None."""
+    """Apply the layout to `model` in place; returns the trainer's engine around it (no optimizer: no step)."""
     match sharding:
         case "fsdp2" | "deepspeed":
             out = parallel.apply(model, dims, mesh, cp_mode=mode, attention_backend=attention_backend,
                                  param_dtype=dtype, reduce_dtype=torch.float32, ac_mode=ac_mode, tiled_mlp=tiled_mlp,
                                  backend=sharding, zero_stage=zero_stage)
-            return out if sharding == "deepspeed" else None
-        case "none":  # CP attention only; gradients summed by all-reduce below (a check-only layout)
+            return DeepSpeedEngine(out, model) if sharding == "deepspeed" else TorchEngine(out, None)
+        case "none":  # CP attention only; gradients summed by all-reduce in check_parallel (a check-only layout)
             if ac_mode != "none" or tiled_mlp:
                 raise ValueError("sharding 'none' applies CP attention only; use fsdp2 or deepspeed with ac_mode / "
                                  "tiled_mlp")
             model.to(dtype)
             apply_cp(model, mode, mesh, backend)
-            return None
+            return TorchEngine(model, None)
         case _:
             raise ValueError(f"unknown sharding {sharding!r}; valid: fsdp2, deepspeed, none")
-
-
-def _layout_grads(model: Transformer, engine, sharding: str) -> dict[str, Tensor]:
-    """The full (unsharded, summed over ranks) gradients of the parallel model, by parameter name."""
-    match sharding:
-        case "none":
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)  # cp (and dp) ranks hold different tokens: sum
-            return _full_grads(model)
-        case "fsdp2":
-            return _full_grads(model)
-        case "deepspeed":
-            return ds_full_grads(engine)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,8 @@
 """The sharding engine behind the training step: the trainer branches on the backend here, once.
 
+`forward_backward` is the part of the step that `longtrain train` (trainer/train.py train_step) and
+`longtrain check-parallel` (trainer/check_parallel.py, for the layout and for its cp=1 reference) share.
+
 A `StepEngine` runs the parts of a step that differ between engines (torchtitan `train.py` keeps them in one
 forward_backward_step; STYLE.md "the trainer branches on backend once"):
     loss_sum   forward of one micro-batch to the fp32 token-sum loss (never full logits);
@@ -23,6 +26,33 @@ from torch import Tensor
 
 from longtrain.data.batch import Batch
 from longtrain.kernels.linear_cross_entropy import linear_cross_entropy
+from longtrain.parallel.cp_shard import local_attn_mask
+
+
+def forward_backward(engine, batches: list[Batch], rope_lens: list[int], denom: int, cp_sharded: bool,
+                     inject_nan: bool = False) -> Tensor:
+    """Forward and backward of one step's micro-batches on this rank; returns their fp32 token-sum loss.
+
+    Args:
+        engine: a TorchEngine or DeepSpeedEngine.
+        batches: this rank's micro-batches, already cut for its cp rank (prepare_cp_inputs) and on its device.
+        rope_lens: per micro-batch, the longest position + 1 of the global (uncut) batch: length-dependent ropes
+            (dynamic, longrope) pick their frequencies from it, so every cp shard uses what one process would.
+        denom: the global valid-token count (>= 1): each micro-batch's backward is of sum / denom, so
+            gradients are summed over ranks, never averaged.
+        cp_sharded: the batches are cp shards (the attention mask is built from their global positions).
+        inject_nan: a test hook (train.debug_nan_steps): a real NaN through the real backward.
+    """
+    window = engine.model.args.sliding_window
+    loss_sum = torch.zeros((), dtype=torch.float32, device=batches[0].input_ids.device if batches else None)
+    for i, (b, rope_len) in enumerate(zip(batches, rope_lens)):
+        mask = local_attn_mask(b, window) if cp_sharded else None
+        s = engine.loss_sum(b, mask, rope_len)
+        if inject_nan:
+            s = s * float("nan")
+        engine.backward(s / denom, last=i == len(batches) - 1)
+        loss_sum += s.detach().float()
+    return loss_sum
 
 
 @dataclass
@@ -46,6 +76,14 @@ class TorchEngine:
 
     def backward(self, loss: Tensor, last: bool) -> None:
         loss.backward()
+
+    def full_grads(self) -> dict[str, Tensor]:
+        """Unsharded fp32 gradients by parameter name, zeros where none (collective under FSDP2)."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).float()
+        return out
 
     def step(self, max_norm: float, loss_finite: bool) -> StepResult:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -108,6 +146,12 @@ class DeepSpeedEngine:
         # ZeRO reduces gradients into its partitions at the boundary only: the last micro-batch of the step.
         self.ds.set_gradient_accumulation_boundary(last)
         ds_backward(self.ds, loss)
+
+    def full_grads(self) -> dict[str, Tensor]:
+        """Full fp32 gradients by parameter name, gathered across ZeRO partitions (collective)."""
+        from longtrain.parallel.deepspeed import ds_full_grads
+
+        return ds_full_grads(self.ds)
 
     def step(self, max_norm: float, loss_finite: bool) -> StepResult:
         if not loss_finite:  # drop the accumulated gradients: DeepSpeed never sees this step

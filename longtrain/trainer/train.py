@@ -21,9 +21,11 @@ import torch
 
 from longtrain.config import Recipe, StageConfig
 from longtrain.data.batch import Batch
+from longtrain.parallel.cp_shard import prepare_cp_inputs
 from longtrain.trainer import build
 from longtrain.trainer.data_layout import build_stage_source
 from longtrain.trainer.distributed import DistInfo, all_reduce, init_distributed
+from longtrain.trainer.engine import forward_backward
 from longtrain.trainer.metrics import memory_gib
 from longtrain.trainer.optim import build_scheduler
 from longtrain.trainer.policies import BadSteps, Checkpoints, Preemption, TrainingError
@@ -80,32 +82,24 @@ def train_step(engine, batches: list[Batch], info: DistInfo, layout: build.Layou
     # global batch, so every cp shard uses the same frequencies as one process would.
     rope_lens = [int(b.position_ids.max()) + 1 for b in batches]
     if layout.cp_size > 1:  # cp ranks see the same global batch; each counts only the tokens it will hold
-        from longtrain.parallel.cp_shard import local_attn_mask, prepare_cp_inputs
-
         batches = [prepare_cp_inputs(b, layout.cp_rank, layout.cp_size, layout.cp_layout, layout.ulysses)
                    for b in batches]
         local_valid = sum(b.num_valid_tokens for b in batches)
     # On the device: NCCL reduces GPU tensors only.
     global_valid = int(all_reduce(torch.tensor([local_valid], dtype=torch.int64, device=info.device)).item())
     denom = max(global_valid, 1)  # no valid token anywhere: every sum is 0, so is the loss (skipped below)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
-    model = engine.model
-    window = model.args.sliding_window
+    batches = [b.to(info.device) for b in batches]
     chunkwise = stage.memory.chunkwise
-    for i, (b, rope_len) in enumerate(zip(batches, rope_lens)):
-        b = b.to(info.device)
-        if chunkwise is not None:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO)
-            from longtrain.trainer.chunkwise import chunkwise_forward_backward
+    if chunkwise is None:
+        loss_sum = forward_backward(engine, batches, rope_lens, denom, layout.cp_size > 1, inject_nan)
+    else:  # the one branch: chunk-by-chunk forward/backward (SeCO / SpaCO), one process, no CP
+        from longtrain.trainer.chunkwise import chunkwise_forward_backward
 
-            s = chunkwise_forward_backward(model, b, chunkwise.chunk, chunkwise.mode, chunkwise.keep,
+        loss_sum = torch.zeros((), dtype=torch.float32, device=info.device)
+        for b in batches:
+            s = chunkwise_forward_backward(engine.model, b, chunkwise.chunk, chunkwise.mode, chunkwise.keep,
                                            loss_normalizer=float(denom), generator=generator)
-        else:
-            mask = local_attn_mask(b, window) if layout.cp_size > 1 else None
-            s = engine.loss_sum(b, mask, rope_len)
-            if inject_nan:  # test hook (train.debug_nan_steps): a real NaN through the real backward
-                s = s * float("nan")
-            engine.backward(s / denom, last=i == len(batches) - 1)
-        loss_sum += s.detach().float()
+            loss_sum += s.detach().float()
     if inject_nan and chunkwise is not None:
         loss_sum = loss_sum * float("nan")
     # Gradients: FSDP2 sums them over dp_shard x cp in its reduce-scatter (divide factor 1), DeepSpeed in

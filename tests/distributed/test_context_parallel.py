@@ -23,11 +23,17 @@ from longtrain.model.decoder import Transformer
 from longtrain.parallel.context_parallel import apply_cp, make_cp_attention
 from longtrain.parallel.cp_shard import local_attn_mask, make_packed_batches, prepare_cp_inputs
 from longtrain.parallel.dims import ParallelDims
-from longtrain.trainer.check_parallel import _loss_sum, check_parallel
+from longtrain.trainer.check_parallel import check_parallel
+from longtrain.trainer.engine import TorchEngine
 
 pytestmark = pytest.mark.distributed
 
 FP32_TOL = 1e-5  # fp32: only reduction order differs from cp=1
+
+
+def _loss_sum(model, b: Batch):
+    """The trainer's token-sum loss of one (possibly cp-sharded) micro-batch."""
+    return TorchEngine(model, None).loss_sum(b, local_attn_mask(b), int(b.position_ids.max()) + 1)
 
 
 def _assert_ok(report, what: str) -> None:
@@ -113,13 +119,13 @@ def _world2(rank: int, world: int, tmp: str) -> None:
     model = Transformer(debug)
     model.init_weights(0)
     data = make_packed_batches(1, 1, 37, debug.vocab_size, seed=0)[0]
-    ref = float(_loss_sum(model, data, None)) / data.num_valid_tokens
+    ref = float(_loss_sum(model, data)) / data.num_valid_tokens
     local = prepare_cp_inputs(data, rank, 2)
-    got = torch.tensor(float(_loss_sum(model, local, None)) / data.num_valid_tokens)  # local-only attention
+    got = torch.tensor(float(_loss_sum(model, local)) / data.num_valid_tokens)  # local-only attention
     dist.all_reduce(got)
     assert abs(float(got) - ref) / ref > 1e-3, (float(got), ref)
     apply_cp(model, "ring", mesh, attention_reference)
-    got = torch.tensor(float(_loss_sum(model, local, None)) / data.num_valid_tokens)
+    got = torch.tensor(float(_loss_sum(model, local)) / data.num_valid_tokens)
     dist.all_reduce(got)
     assert abs(float(got) - ref) / ref < FP32_TOL, (float(got), ref)
 

@@ -69,13 +69,13 @@ def _zero3_offload(rank: int, world: int) -> None:
     from longtrain.parallel.deepspeed import deepspeed_wrap, ds_backward
     from longtrain.parallel.dims import ParallelDims
     from longtrain.parallel.cp_shard import make_packed_batches
-    from longtrain.trainer.check_parallel import _loss_sum
+    from longtrain.trainer.engine import TorchEngine
 
     mesh = ParallelDims(cp=2, world_size=world).build_mesh("cpu")
     model = Transformer(model_flavor("debug"))
     model.init_weights(0)
     batch = make_packed_batches(1, 1, 40, 512, seed=4)[0]
-    first_ref = float(_loss_sum(model, batch, None)) / batch.num_valid_tokens  # cp=1, before any update
+    first_ref = float(TorchEngine(model, None).loss_sum(batch, None, 40)) / batch.num_valid_tokens  # cp=1, before any update
     apply_cp(model, "ring", mesh, attention_reference)
     engine = deepspeed_wrap(model, mesh, zero_stage=3, offload_optimizer=True, offload_params=True)
     local = prepare_cp_inputs(batch, rank, world)
