@@ -18,8 +18,8 @@ _EXPORTS = {
     "DataLoader": "loader", "build_loader": "loader",
     "SYNTHETIC_OPTIONS": "readers",
     "RetrievalSample": "synthetic", "passkey_sample": "synthetic", "needle_sample": "synthetic",
-    "shuffled_chunks_sample": "synthetic", "variable_tracking_sample": "synthetic",
-    "common_words_sample": "synthetic", "retrieval_batch": "synthetic",
+    "shuffled_chunks_sample": "synthetic", "variable_tracking_sample": "synthetic_ruler",
+    "common_words_sample": "synthetic_ruler", "retrieval_batch": "synthetic",
     "stdlib_documents": "corpus", "read_tiny_corpus": "corpus",
 }
 

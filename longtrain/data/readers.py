@@ -19,8 +19,8 @@ import numpy as np
 from longtrain.data.pack import Document
 from longtrain.data.sources import (PIPELINE_VERSION, BadRecordError, SourceSpec, SourceStats, check_value,
                                     file_signature, iter_records, resolve_files, to_document, tokenize_record)
-from longtrain.data.synthetic import (common_words_sample, needle_sample, passkey_sample, shuffled_chunks_sample,
-                                     variable_tracking_sample)
+from longtrain.data.synthetic import needle_sample, passkey_sample, shuffled_chunks_sample
+from longtrain.data.synthetic_ruler import common_words_sample, variable_tracking_sample
 from longtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("longtrain.data")

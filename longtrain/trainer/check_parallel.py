@@ -107,13 +107,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     mesh = dims.build_mesh(device_type)
     u_degree = cp_ulysses_degree(mode, dims)
 
-    torch.manual_seed(seed)
-    ref = Transformer(copy.deepcopy(model_args)).to(device)
-    ref.init_weights(seed)
-    model = copy.deepcopy(ref)
-    ref.to(dtype)
-    backend = get_attention_backend(attention_backend)
-    ref.set_attention(backend)
+    ref, model, backend = _twin_models(model_args, seed, device, dtype, attention_backend)
     window = model_args.sliding_window
 
     # The global data: dp ranks x micro-batches; every rank sees all of it for the reference.
@@ -145,6 +139,18 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     return ParallelReport(loss=float(loss_par) / denom, loss_ref=float(loss_ref) / denom, grad_norm=_norm(grads),
                           grad_norm_ref=_norm(grads_ref), max_rel_grad_diff=worst, worst_param=worst_name,
                           n_valid_tokens=n_valid)
+
+
+def _twin_models(model_args: ModelArgs, seed: int, device: torch.device, dtype: torch.dtype, attention_backend: str):
+    """The cp=1 reference (in `dtype`, with the local attention backend) and an identical model for the layout."""
+    torch.manual_seed(seed)
+    ref = Transformer(copy.deepcopy(model_args)).to(device)
+    ref.init_weights(seed)
+    model = copy.deepcopy(ref)
+    ref.to(dtype)
+    backend = get_attention_backend(attention_backend)
+    ref.set_attention(backend)
+    return ref, model, backend
 
 
 def _rope_lens(batches: list[Batch]) -> list[int]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from longtrain.data.batch import IGNORE_INDEX
-from longtrain.data.synthetic import (common_words_sample, needle_sample, passkey_sample, retrieval_batch,
-                                     shuffled_chunks_sample, variable_tracking_sample)
+from longtrain.data.synthetic import needle_sample, passkey_sample, retrieval_batch, shuffled_chunks_sample
+from longtrain.data.synthetic_ruler import common_words_sample, variable_tracking_sample
 from longtrain.data.tokenizer import load_tokenizer
 
 
