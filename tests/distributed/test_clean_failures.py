@@ -29,7 +29,7 @@ def write_recipe(tmp_path: Path, steps: int) -> Path:
 
 
 def torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
-    from tests.integration.test_train_torchrun import free_port
+    from tests.distributed.test_train_torchrun import free_port
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

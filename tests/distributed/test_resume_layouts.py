@@ -25,7 +25,7 @@ REL = 1e-5
 
 
 def torchrun(tmp_path: Path, run_dir: Path, *overrides: str) -> str:
-    from tests.integration.test_train_torchrun import torchrun as run_torchrun
+    from tests.distributed.test_train_torchrun import torchrun as run_torchrun
 
     return run_torchrun(tmp_path, run_dir, *overrides, raw=RAW)
 
