@@ -102,6 +102,12 @@ def test_lora_trains_adapters_embeddings_norms_and_exports_merged(tmp_path):
     # Same fp32 weights, two implementations: 1e-4 absolute on logits of size ~1.
     torch.testing.assert_close(hf(x).logits, merged(x), atol=1e-4, rtol=0)
     assert not any("lora" in k for k in hf.state_dict())
+    # `longtrain eval` reads the run directory through the same reader: the merged model, named as such.
+    from longtrain.eval.load import load_for_eval
+
+    scored, _, what = load_for_eval(tmp_path / "run")
+    assert "LoRA adapters merged" in what
+    torch.testing.assert_close(scored(x), merged(x), atol=0, rtol=0)
 
 
 def test_export_loads_in_transformers_with_the_last_stage_rope(tmp_path):
