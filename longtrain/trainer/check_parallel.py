@@ -120,7 +120,8 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
     denom = max(n_valid, 1)  # zero valid tokens: the loss is 0, not 0/0
 
     # The reference runs the trainer's own forward/backward (engine.forward_backward) on the whole global batch.
-    loss_ref = forward_backward(TorchEngine(ref, None), batches, _rope_lens(batches), denom, cp_sharded=False)
+    ref_engine = TorchEngine(ref, None)
+    loss_ref = forward_backward(ref_engine, batches, _rope_lens(batches), denom, cp_sharded=False)
 
     # The layout, through the same parallel.apply and the same step the trainer uses.
     engine = _apply_layout(model, dims, mesh, mode, sharding, attention_backend, backend, dtype, zero_stage, ac_mode,
@@ -134,7 +135,7 @@ def check_parallel(model_args: ModelArgs, seq_len: int, cp: int, mode: str, *, l
         for p in model.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
-    grads, grads_ref = engine.full_grads(), TorchEngine(ref, None).full_grads()
+    grads, grads_ref = engine.full_grads(), ref_engine.full_grads()
     worst, worst_name = _compare(grads, grads_ref)
     return ParallelReport(loss=float(loss_par) / denom, loss_ref=float(loss_ref) / denom, grad_norm=_norm(grads),
                           grad_norm_ref=_norm(grads_ref), max_rel_grad_diff=worst, worst_param=worst_name,
